@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.chat, name="chat"),
+    path("api/turns/", views.start_turn, name="start-turn"),
+    path("admin/", admin.site.urls),
+]

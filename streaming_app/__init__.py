@@ -1,0 +1,1 @@
+"""Live agent response streaming for Django over Channels."""

@@ -1,0 +1,160 @@
+"""Wiring agents into streams: run an agent or pipe any async text stream (an LLM SDK's) into
+a stream, with errors turned into ``handle_stream_error`` and completion into a final response
+and a close. Also the deterministic local agent the demo and the tests use.
+
+An *agent* is an async generator function ``agent(message, stream_id)`` yielding chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any
+
+from django.utils.module_loading import import_string
+
+from .chunks import (
+    AgentOSResponse,
+    FinalResponseChunk,
+    MetadataUpdateChunk,
+    SystemProgressChunk,
+    TextDeltaChunk,
+    ToolCallRequestChunk,
+    ToolResultEmissionChunk,
+    UICommandChunk,
+)
+from .conf import app_settings
+from .exceptions import GMIErrorCode, StreamError
+from .manager import StreamingManager, get_streaming_manager
+
+logger = logging.getLogger(__name__)
+
+Agent = Callable[[str, str], AsyncIterator[AgentOSResponse]]
+COMPLETE_REASON = "Interaction complete."
+
+
+def get_agent() -> Agent:
+    """The agent named by ``STREAMING_APP["AGENT"]``."""
+    agent: Agent = import_string(app_settings.AGENT)
+    return agent
+
+
+async def run_agent(
+    stream_id: str,
+    chunks: AsyncIterable[AgentOSResponse],
+    *,
+    manager: StreamingManager | None = None,
+    close: bool = True,
+) -> bool:
+    """Push every chunk into the stream, then close it; True when the agent ran to its end.
+
+    An exception in the agent becomes ``handle_stream_error``. A stream closed meanwhile
+    (cancelled by a client or an operator) stops the agent quietly and returns False.
+    """
+    manager = manager or get_streaming_manager()
+    iterator = aiter(chunks)
+    try:
+        async for chunk in iterator:
+            await manager.push_chunk(stream_id, chunk)
+    except StreamError as exc:
+        if exc.code is GMIErrorCode.STREAM_CLOSED:
+            logger.info("stream %s was closed while its agent ran; stopping it", stream_id)
+            await _aclose(iterator)
+            return False
+        await _aclose(iterator)
+        await _report(manager, stream_id, exc)
+        return False
+    except Exception as exc:
+        logger.exception("agent of stream %s failed", stream_id)
+        await _report(manager, stream_id, exc)
+        return False
+    if close:
+        await manager.close_stream(stream_id, COMPLETE_REASON)
+    return True
+
+
+async def stream_text(
+    stream_id: str,
+    texts: AsyncIterable[str],
+    *,
+    manager: StreamingManager | None = None,
+    close: bool = True,
+    **chunk_fields: Any,
+) -> bool:
+    """Pipe an async iterator of text (any LLM SDK's token stream) into a stream: a
+    ``text_delta`` per piece, then a ``final_response`` with the whole text, then a close."""
+
+    async def chunks() -> AsyncIterator[AgentOSResponse]:
+        parts: list[str] = []
+        async for text in texts:
+            parts.append(text)
+            yield TextDeltaChunk(stream_id=stream_id, text_delta=text, **chunk_fields)
+        yield FinalResponseChunk(
+            stream_id=stream_id, final_response_text="".join(parts), **chunk_fields
+        )
+
+    return await run_agent(stream_id, chunks(), manager=manager, close=close)
+
+
+async def _report(manager: StreamingManager, stream_id: str, exc: BaseException) -> None:
+    try:
+        await manager.handle_stream_error(stream_id, exc)
+    except StreamError:
+        logger.exception("could not report the error of stream %s", stream_id)
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def local_agent(
+    message: str, stream_id: str, *, delay: float = 0.04
+) -> AsyncIterator[AgentOSResponse]:
+    """A deterministic agent: progress, a tool call and its result, the answer token by
+    token, a UI command, a metadata update and the final response. No network."""
+    ids = {"stream_id": stream_id, "gmi_instance_id": "local-gmi", "persona_id": "local-echo"}
+    words = re.findall(r"\S+", message) or ["(nothing)"]
+    yield SystemProgressChunk(message="Reading your message", progress_percentage=10.0, **ids)
+    await asyncio.sleep(delay)
+    call = {"id": "call-1", "name": "word_count", "arguments": {"text": message}}
+    yield ToolCallRequestChunk(tool_calls=[call], rationale="Count the words first.", **ids)
+    await asyncio.sleep(delay)
+    yield ToolResultEmissionChunk(
+        tool_call_id="call-1", tool_name="word_count", tool_result={"words": len(words)}, **ids
+    )
+    yield SystemProgressChunk(message="Writing the answer", progress_percentage=50.0, **ids)
+    answer = (
+        f"You said {len(words)} word{'s' if len(words) != 1 else ''}. "
+        f"Here they are back, one at a time: {' '.join(words)}. "
+        "This reply comes from the deterministic local agent, streamed token by token."
+    )
+    tokens = re.findall(r"\s*\S+", answer)
+    for token in tokens:
+        await asyncio.sleep(delay)
+        yield TextDeltaChunk(text_delta=token, **ids)
+    yield UICommandChunk(ui_commands=[{"command": "highlight", "target": "reply"}], **ids)
+    yield MetadataUpdateChunk(updates={"tokens": len(tokens), "words": len(words)}, **ids)
+    yield FinalResponseChunk(
+        final_response_text=answer, usage={"output_tokens": len(tokens)}, **ids
+    )
+
+
+_running: set[asyncio.Task[bool]] = set()
+
+
+def start_agent(stream_id: str, message: str, agent: Agent | None = None) -> asyncio.Task[bool]:
+    """Run an agent for a stream in the background of this process's event loop.
+
+    The task is kept until it ends, so it is not garbage-collected mid-reply.
+    """
+    agent = agent or get_agent()
+    task = asyncio.get_running_loop().create_task(
+        run_agent(stream_id, agent(message, stream_id)), name=f"agent-{stream_id}"
+    )
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    return task

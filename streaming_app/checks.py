@@ -1,0 +1,105 @@
+"""System checks: every ``STREAMING_APP`` setting is validated at start-up, with a stable id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.db import connections
+from django.utils.module_loading import import_string
+
+from .conf import DEFAULTS, SETTING_NAME, StreamingManagerConfig, app_settings
+
+# The id of each StreamingManagerConfig field's check.
+CONFIG_CHECK_IDS = {
+    "max_concurrent_streams": "streaming_app.E002",
+    "default_stream_inactivity_timeout_ms": "streaming_app.E003",
+    "max_clients_per_stream": "streaming_app.E004",
+    "on_client_send_error_behavior": "streaming_app.E005",
+}
+POSITIVE_NUMBERS = {
+    "MAX_CHUNK_BYTES": "streaming_app.E006",
+    "MAX_CLIENT_FRAME_BYTES": "streaming_app.E007",
+    "HISTORY_MAX_CHUNKS": "streaming_app.E008",
+    "HISTORY_MAX_AGE_SECONDS": "streaming_app.E009",
+    "SWEEP_INTERVAL_SECONDS": "streaming_app.E010",
+    "CLIENT_TIMEOUT_SECONDS": "streaming_app.E011",
+    "DELIVERY_TIMEOUT_SECONDS": "streaming_app.E012",
+}
+DOTTED_PATHS = {
+    "HISTORY_BACKEND": "streaming_app.E013",
+    "CAN_SUBSCRIBE": "streaming_app.E014",
+    "CAN_CANCEL": "streaming_app.E015",
+    "AGENT": "streaming_app.E018",
+}
+
+
+@register(Tags.compatibility)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Validate ``settings.STREAMING_APP``."""
+    from django.conf import settings
+
+    raw = getattr(settings, SETTING_NAME, {})
+    if not isinstance(raw, dict):
+        return [Error(f"{SETTING_NAME} must be a dict.", hint="See the README's Settings.",
+                      id="streaming_app.E001")]  # fmt: skip
+    messages: list[CheckMessage] = []
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        messages.append(Error(
+            f"{SETTING_NAME} has unknown keys: {', '.join(unknown)}.",
+            hint=f"Known keys: {', '.join(DEFAULTS)}.", id="streaming_app.E016",
+        ))  # fmt: skip
+    problems = app_settings.manager_config().errors()
+    for name, problem in problems.items():
+        messages.append(Error(
+            f"{SETTING_NAME}['{name.upper()}'] {problem}.",
+            hint=f"Default: {DEFAULTS[name.upper()]!r}.", id=CONFIG_CHECK_IDS[name],
+        ))  # fmt: skip
+    for key, check_id in POSITIVE_NUMBERS.items():
+        value = app_settings.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            messages.append(Error(
+                f"{SETTING_NAME}['{key}'] must be a positive number, not {value!r}.",
+                hint=f"Default: {DEFAULTS[key]!r}.", id=check_id,
+            ))  # fmt: skip
+    for key, check_id in DOTTED_PATHS.items():
+        value = app_settings.get(key)
+        try:
+            import_string(value)
+        except (ImportError, TypeError, ValueError) as exc:
+            messages.append(Error(
+                f"{SETTING_NAME}['{key}'] = {value!r} cannot be imported: {exc}.",
+                hint="Give a dotted path to an importable object.", id=check_id,
+            ))  # fmt: skip
+    alias = app_settings.CHANNEL_LAYER
+    if alias not in getattr(settings, "CHANNEL_LAYERS", {}):
+        messages.append(Error(
+            f"{SETTING_NAME}['CHANNEL_LAYER'] = {alias!r} is not in CHANNEL_LAYERS.",
+            hint="Configure CHANNEL_LAYERS (see the README).", id="streaming_app.E017",
+        ))  # fmt: skip
+    messages.extend(_check_database())
+    return messages
+
+
+def _check_database() -> list[CheckMessage]:
+    db = connections["default"]
+    if db.vendor == "sqlite" and db.settings_dict.get("OPTIONS", {}).get(
+        "transaction_mode"
+    ) != "IMMEDIATE" and not db.is_in_memory_db():
+        return [Warning(
+            "SQLite without transaction_mode IMMEDIATE: concurrent creates from several "
+            "processes may fail with 'database is locked'.",
+            hint="Set DATABASES['default']['OPTIONS']['transaction_mode'] = 'IMMEDIATE'.",
+            id="streaming_app.W001",
+        )]  # fmt: skip
+    if db.vendor not in ("sqlite", "postgresql"):
+        return [Warning(
+            f"Global stream limits are enforced with locks on SQLite and PostgreSQL; "
+            f"{db.vendor} may overshoot them under concurrent creates.",
+            hint="Use PostgreSQL in production.", id="streaming_app.W002",
+        )]  # fmt: skip
+    return []
+
+
+__all__ = ["StreamingManagerConfig", "check_settings"]

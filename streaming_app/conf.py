@@ -1,0 +1,163 @@
+"""The one reader of Django settings: ``settings.STREAMING_APP`` over typed defaults.
+
+Values are read when asked for, never at import, so ``override_settings`` just works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Literal, cast
+
+from django.conf import settings
+
+SendErrorBehavior = Literal["log_and_continue", "deregister_client", "throw"]
+SEND_ERROR_BEHAVIORS: tuple[SendErrorBehavior, ...] = (
+    "log_and_continue",
+    "deregister_client",
+    "throw",
+)
+
+SETTING_NAME = "STREAMING_APP"
+
+DEFAULTS: dict[str, Any] = {
+    # The seed's StreamingManagerConfig.
+    "MAX_CONCURRENT_STREAMS": 1000,
+    "DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": 300_000,
+    "MAX_CLIENTS_PER_STREAM": 10,
+    "ON_CLIENT_SEND_ERROR_BEHAVIOR": "log_and_continue",
+    # Chunks and client frames.
+    "MAX_CHUNK_BYTES": 64 * 1024,
+    "MAX_CLIENT_FRAME_BYTES": 4096,
+    # Per-stream sequence numbers and history.
+    "HISTORY_BACKEND": "streaming_app.history.MemoryHistory",
+    "HISTORY_MAX_CHUNKS": 5000,
+    "HISTORY_MAX_AGE_SECONDS": 3600,
+    # Redis for RedisHistory (empty: not used).
+    "REDIS_URL": "",
+    # Who may subscribe: a callable ``(user, session_key, stream) -> bool`` by dotted path.
+    "CAN_SUBSCRIBE": "streaming_app.auth.default_can_subscribe",
+    # Who may cancel a stream from a client frame: same signature.
+    "CAN_CANCEL": "streaming_app.auth.default_can_subscribe",
+    # The agent the demo chat runs: an async generator function by dotted path.
+    "AGENT": "streaming_app.agents.local_agent",
+    # Which channel layer carries the streams.
+    "CHANNEL_LAYER": "default",
+    # Background work in serving processes.
+    "SWEEP_INTERVAL_SECONDS": 5.0,
+    "CLIENT_TIMEOUT_SECONDS": 30.0,
+    "DELIVERY_TIMEOUT_SECONDS": 5.0,
+}
+
+
+@dataclass(frozen=True)
+class StreamingManagerConfig:
+    """The seed's four options; ``math.inf`` is accepted for "no limit" where the seed allows."""
+
+    max_concurrent_streams: float = 1000
+    default_stream_inactivity_timeout_ms: float = 300_000
+    max_clients_per_stream: float = 10
+    on_client_send_error_behavior: SendErrorBehavior = "log_and_continue"
+
+    def errors(self) -> dict[str, str]:
+        """Map each invalid field to what is wrong with it; empty when the config is valid."""
+        problems: dict[str, str] = {}
+        for name in (
+            "max_concurrent_streams",
+            "default_stream_inactivity_timeout_ms",
+            "max_clients_per_stream",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                problems[name] = f"must be a positive number, not {value!r}"
+            elif math.isnan(value) or value <= 0:
+                problems[name] = f"must be a positive number, not {value!r}"
+            elif not math.isinf(value) and value != int(value):
+                problems[name] = f"must be a whole number or math.inf, not {value!r}"
+        if self.on_client_send_error_behavior not in SEND_ERROR_BEHAVIORS:
+            problems["on_client_send_error_behavior"] = (
+                f"must be one of {', '.join(SEND_ERROR_BEHAVIORS)}, "
+                f"not {self.on_client_send_error_behavior!r}"
+            )
+        return problems
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class AppSettings:
+    """Typed access to ``settings.STREAMING_APP``; unknown keys are reported by system checks."""
+
+    def user_values(self) -> dict[str, Any]:
+        value = getattr(settings, SETTING_NAME, {})
+        return dict(value) if isinstance(value, dict) else {}
+
+    def get(self, key: str) -> Any:
+        return self.user_values().get(key, DEFAULTS[key])
+
+    def manager_config(self) -> StreamingManagerConfig:
+        """The StreamingManagerConfig described by the settings (not validated here)."""
+        return StreamingManagerConfig(
+            max_concurrent_streams=self.get("MAX_CONCURRENT_STREAMS"),
+            default_stream_inactivity_timeout_ms=self.get("DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS"),
+            max_clients_per_stream=self.get("MAX_CLIENTS_PER_STREAM"),
+            on_client_send_error_behavior=cast(
+                SendErrorBehavior, self.get("ON_CLIENT_SEND_ERROR_BEHAVIOR")
+            ),
+        )
+
+    @property
+    def MAX_CHUNK_BYTES(self) -> int:
+        return int(self.get("MAX_CHUNK_BYTES"))
+
+    @property
+    def MAX_CLIENT_FRAME_BYTES(self) -> int:
+        return int(self.get("MAX_CLIENT_FRAME_BYTES"))
+
+    @property
+    def HISTORY_BACKEND(self) -> str:
+        return str(self.get("HISTORY_BACKEND"))
+
+    @property
+    def HISTORY_MAX_CHUNKS(self) -> int:
+        return int(self.get("HISTORY_MAX_CHUNKS"))
+
+    @property
+    def HISTORY_MAX_AGE_SECONDS(self) -> float:
+        return float(self.get("HISTORY_MAX_AGE_SECONDS"))
+
+    @property
+    def REDIS_URL(self) -> str:
+        return str(self.get("REDIS_URL"))
+
+    @property
+    def AGENT(self) -> str:
+        return str(self.get("AGENT"))
+
+    @property
+    def CAN_SUBSCRIBE(self) -> str:
+        return str(self.get("CAN_SUBSCRIBE"))
+
+    @property
+    def CAN_CANCEL(self) -> str:
+        return str(self.get("CAN_CANCEL"))
+
+    @property
+    def CHANNEL_LAYER(self) -> str:
+        return str(self.get("CHANNEL_LAYER"))
+
+    @property
+    def SWEEP_INTERVAL_SECONDS(self) -> float:
+        return float(self.get("SWEEP_INTERVAL_SECONDS"))
+
+    @property
+    def CLIENT_TIMEOUT_SECONDS(self) -> float:
+        return float(self.get("CLIENT_TIMEOUT_SECONDS"))
+
+    @property
+    def DELIVERY_TIMEOUT_SECONDS(self) -> float:
+        return float(self.get("DELIVERY_TIMEOUT_SECONDS"))
+
+
+app_settings = AppSettings()

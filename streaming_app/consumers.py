@@ -1,0 +1,212 @@
+"""The WebSocket transport: one socket per stream, ``ws/streams/<stream_id>/?last_seq=N``.
+
+The consumer authorises, registers itself with the manager as a ``ChannelClient`` and turns
+stream events into frames (see ``protocol``). It never crashes on bad input: each refusal is an
+``error`` frame and, where the socket cannot go on, a close code of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from .auth import authorize_cancel, authorize_subscribe
+from .chunks import AgentOSResponse, encode_chunk
+from .clients import Chunk, Delivery, Gap
+from .conf import app_settings
+from .exceptions import GMIError, GMIErrorCode, StreamError
+from .manager import get_streaming_manager
+from .protocol import ClientFrame, CloseCode, ServerFrame, chunk_frame, frame
+
+logger = logging.getLogger(__name__)
+
+CLOSE_CODE_FOR_ERROR: dict[GMIErrorCode, CloseCode] = {
+    GMIErrorCode.INVALID_ARGUMENT: CloseCode.BAD_REQUEST,
+    GMIErrorCode.RESOURCE_NOT_FOUND: CloseCode.NOT_FOUND,
+    GMIErrorCode.STREAM_CLOSED: CloseCode.STREAM_GONE,
+    GMIErrorCode.PERMISSION_DENIED: CloseCode.FORBIDDEN,
+    GMIErrorCode.RATE_LIMIT_EXCEEDED: CloseCode.STREAM_FULL,
+}
+
+
+def parse_last_seq(query_string: bytes | str, stream_id: str) -> int:
+    """``last_seq`` from a query string (0 when absent); raises ``StreamError(INVALID_ARGUMENT)``."""
+    if isinstance(query_string, bytes):
+        query_string = query_string.decode("latin-1")
+    values = parse_qs(query_string).get("last_seq")
+    if not values:
+        return 0
+    try:
+        last_seq = int(values[-1])
+    except ValueError:
+        last_seq = -1
+    if last_seq < 0:
+        raise StreamError(
+            GMIErrorCode.INVALID_ARGUMENT,
+            f"last_seq must be a non-negative integer, not {values[-1]!r}",
+            stream_id=stream_id,
+        )
+    return last_seq
+
+
+class StreamConsumer(AsyncWebsocketConsumer):
+    """A browser (or any WebSocket peer) following one stream."""
+
+    transport = "websocket"
+    delivery: Delivery | None = None
+    registered = False
+    closing = False
+
+    # -- StreamClient ---------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.client_id
+
+    @property
+    def user_id(self) -> int | None:
+        user = self.scope.get("user")
+        return user.pk if user is not None and user.is_authenticated else None
+
+    @property
+    def delivered_seq(self) -> int:
+        return self.delivery.delivered_seq if self.delivery is not None else 0
+
+    def is_active(self) -> bool:
+        return not self.closing
+
+    async def send_chunk(self, chunk: AgentOSResponse) -> None:
+        """Send one chunk outside the stream's sequence (``seq`` is null)."""
+        chunk_json = encode_chunk(
+            chunk, stream_id=self.stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES
+        )
+        await self.send(text_data=f'{{"type":"chunk","seq":null,"chunk":{chunk_json}}}')
+
+    async def notify_stream_closed(self, reason: str | None = None) -> None:
+        await self.send(text_data=frame(ServerFrame.CLOSED, reason=reason or "",
+                                        last_seq=self.delivered_seq))  # fmt: skip
+
+    # -- connection -----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        self.stream_id: str = self.scope["url_route"]["kwargs"]["stream_id"]
+        self.client_id: str = f"ws-{uuid.uuid4().hex}"
+        self.closing = False
+        await self.accept()
+        try:
+            last_seq = parse_last_seq(self.scope.get("query_string", b""), self.stream_id)
+            manager = get_streaming_manager()
+            await authorize_subscribe(self.scope, self.stream_id)
+            self.delivery = Delivery(manager.history, self.stream_id, last_seq)
+            await manager.register_client(self.stream_id, self)
+        except GMIError as exc:
+            await self.refuse(exc)
+            return
+        self.registered = True
+        items = await self.delivery.catch_up()
+        await self.send(text_data=frame(
+            ServerFrame.SUBSCRIBED, stream_id=self.stream_id, client_id=self.client_id,
+            seq=self.delivery.delivered_seq,
+        ))  # fmt: skip
+        await self.emit(items)
+
+    async def disconnect(self, code: int) -> None:
+        self.closing = True
+        if self.registered:
+            self.registered = False
+            try:
+                await get_streaming_manager().client_gone(self.stream_id, self.client_id)
+            except GMIError:
+                logger.exception("client %s of stream %s: deregistration failed",
+                                 self.client_id, self.stream_id)  # fmt: skip
+
+    async def refuse(self, exc: GMIError) -> None:
+        """Tell the peer why it cannot follow the stream, then close with the matching code."""
+        code = CLOSE_CODE_FOR_ERROR.get(exc.code, CloseCode.UNAVAILABLE)
+        logger.info("client %s refused on stream %s: %s", self.client_id, self.stream_id, exc)
+        await self.send(text_data=frame(ServerFrame.ERROR, code=str(exc.code), message=exc.message))
+        await self.close_with(code)
+
+    async def close_with(self, code: int) -> None:
+        self.closing = True
+        await self.close(code=code)
+
+    # -- client frames --------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
+        if size > app_settings.MAX_CLIENT_FRAME_BYTES:
+            await self.send_error("frame_too_big",
+                                  f"frames are limited to {app_settings.MAX_CLIENT_FRAME_BYTES} bytes")  # fmt: skip
+            await self.close_with(CloseCode.MESSAGE_TOO_BIG)
+            return
+        try:
+            message = json.loads(text_data) if text_data is not None else None
+        except ValueError:
+            message = None
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == ClientFrame.PING:
+            await self.send(text_data=frame(ServerFrame.PONG))
+        elif kind == ClientFrame.CANCEL and self.registered:
+            await self.cancel()
+        else:
+            await self.send_error(
+                "bad_frame", "expected a JSON object with type 'ping' or 'cancel'"
+            )
+
+    async def cancel(self) -> None:
+        try:
+            await authorize_cancel(self.scope, self.stream_id)
+            await get_streaming_manager().close_stream(self.stream_id, "cancelled")
+        except GMIError as exc:
+            await self.send_error(str(exc.code), exc.message)
+
+    async def send_error(self, code: str, message: str) -> None:
+        await self.send(text_data=frame(ServerFrame.ERROR, code=code, message=message))
+
+    # -- stream events (named after the event type) ---------------------------------
+
+    async def stream_chunk(self, event: dict[str, Any]) -> None:
+        if self.delivery is None or self.closing:
+            return
+        await self.emit(await self.delivery.receive(event["seq"], event["chunk"]))
+
+    async def stream_closed(self, event: dict[str, Any]) -> None:
+        if self.delivery is None or self.closing:
+            return
+        await self.emit(await self.delivery.catch_up(event["last_seq"]))
+        self.registered = False
+        await self.notify_stream_closed(event["reason"])
+        await self.close_with(event.get("code", CloseCode.STREAM_CLOSED))
+
+    async def stream_deregistered(self, event: dict[str, Any]) -> None:
+        if self.closing:
+            return
+        self.registered = False
+        code = event.get("code", CloseCode.DEREGISTERED)
+        if code == CloseCode.SERVICE_RESTART:
+            await self.send(text_data=frame(ServerFrame.RECONNECT, reason=event["reason"],
+                                            last_seq=self.delivered_seq))  # fmt: skip
+        else:
+            await self.notify_stream_closed(event["reason"])
+        await self.close_with(code)
+
+    async def emit(self, items: list[Chunk | Gap]) -> None:
+        """Send chunk and gap frames; a failed send goes to the manager's send-error policy."""
+        for item in items:
+            if isinstance(item, Chunk):
+                text = chunk_frame(item.seq, item.chunk_json)
+            else:
+                text = frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
+            try:
+                await self.send(text_data=text)
+            except Exception as exc:
+                await get_streaming_manager().report_send_failure(
+                    self.stream_id, self.client_id, exc
+                )
+                return

@@ -1,0 +1,190 @@
+"""Per-stream hot state: sequence numbers, bounded history, the closed flag and send failures.
+
+This is what ``push_chunk`` touches instead of the database. ``MemoryHistory`` serves the
+embedded one-process default; ``RedisHistory`` (``streaming_app.redis_history``) shares it
+between processes. Both keep the last ``HISTORY_MAX_CHUNKS`` chunks for at most
+``HISTORY_MAX_AGE_SECONDS``, so a client can resume and repair holes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from itertools import islice
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .exceptions import GMIErrorCode, StreamError
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """A stream's state as the history sees it."""
+
+    head_seq: int  # last seq assigned; 0 before the first chunk
+    first_seq: int  # oldest seq still held; head_seq + 1 when none is held
+    closed: bool
+    close_reason: str
+    last_activity: float  # time.time() of the last push (or of opening)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """``seq`` of the appended chunk, or, when pending send failures stopped it, those."""
+
+    seq: int | None
+    failed_clients: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Chunks after a given seq, as ``(seq, chunk_json)`` in order, and the head seq."""
+
+    entries: list[tuple[int, str]]
+    head_seq: int
+
+
+class History(Protocol):
+    """What the manager and the clients need of a history backend."""
+
+    async def open(self, stream_id: str) -> None:
+        """Start an empty history for a new stream."""
+
+    async def append(self, stream_id: str, chunk_json: str, *, take_failures: bool) -> AppendResult:
+        """Give the chunk the next seq and keep it; raise StreamError if unknown or closed.
+
+        With ``take_failures``, pending send failures are removed and returned instead, and
+        nothing is appended.
+        """
+
+    async def read_after(self, stream_id: str, after_seq: int, up_to: int | None = None) -> Replay:
+        """The chunks held with ``after_seq < seq <= up_to``."""
+
+    async def close(self, stream_id: str, reason: str) -> int | None:
+        """Mark the stream closed (pushes raise from now on); its head seq, None if unknown."""
+
+    async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
+        """The state of each known stream among ``stream_ids``."""
+
+    async def record_failure(self, stream_id: str, client_id: str, message: str) -> None:
+        """Remember that sending to a client failed, for the producer's next push."""
+
+    async def forget(self, stream_id: str) -> None:
+        """Drop everything held for a stream."""
+
+
+@dataclass
+class _MemoryStream:
+    head_seq: int = 0
+    entries: deque[tuple[int, float, str]] = field(default_factory=deque)
+    closed: bool = False
+    close_reason: str = ""
+    closed_at: float = 0.0
+    last_activity: float = field(default_factory=time.time)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+class MemoryHistory:
+    """History in this process's memory: the embedded default for one process."""
+
+    def __init__(self, *, max_chunks: int, max_age_seconds: float) -> None:
+        self.max_chunks = max_chunks
+        self.max_age_seconds = max_age_seconds
+        self._streams: dict[str, _MemoryStream] = {}
+
+    async def open(self, stream_id: str) -> None:
+        self._streams[stream_id] = _MemoryStream()
+
+    async def append(self, stream_id: str, chunk_json: str, *, take_failures: bool) -> AppendResult:
+        stream = self._get_open(stream_id)
+        if take_failures and stream.failures:
+            failures, stream.failures = stream.failures, {}
+            return AppendResult(seq=None, failed_clients=failures)
+        now = time.time()
+        stream.head_seq += 1
+        stream.last_activity = now
+        stream.entries.append((stream.head_seq, now, chunk_json))
+        self._trim(stream, now)
+        return AppendResult(seq=stream.head_seq)
+
+    async def read_after(self, stream_id: str, after_seq: int, up_to: int | None = None) -> Replay:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return Replay(entries=[], head_seq=0)
+        self._trim(stream, time.time())
+        last = stream.head_seq if up_to is None else min(up_to, stream.head_seq)
+        if not stream.entries or last <= after_seq:
+            return Replay(entries=[], head_seq=stream.head_seq)
+        first = stream.entries[0][0]
+        start = max(after_seq + 1, first) - first
+        stop = last - first + 1
+        entries = [(seq, text) for seq, _, text in islice(stream.entries, start, stop)]
+        return Replay(entries=entries, head_seq=stream.head_seq)
+
+    async def close(self, stream_id: str, reason: str) -> int | None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return None
+        if not stream.closed:
+            stream.closed, stream.close_reason, stream.closed_at = True, reason, time.time()
+        return stream.head_seq
+
+    async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
+        now = time.time()
+        result = {}
+        for stream_id in stream_ids:
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                continue
+            self._trim(stream, now)
+            first = stream.entries[0][0] if stream.entries else stream.head_seq + 1
+            result[stream_id] = StreamState(
+                head_seq=stream.head_seq,
+                first_seq=first,
+                closed=stream.closed,
+                close_reason=stream.close_reason,
+                last_activity=stream.last_activity,
+            )
+        return result
+
+    async def record_failure(self, stream_id: str, client_id: str, message: str) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            stream.failures[client_id] = message
+
+    async def forget(self, stream_id: str) -> None:
+        self._streams.pop(stream_id, None)
+
+    def expire_closed(self) -> list[str]:
+        """Forget closed streams whose history has aged out; the ids forgotten."""
+        cutoff = time.time() - self.max_age_seconds
+        gone = [sid for sid, s in self._streams.items() if s.closed and s.closed_at < cutoff]
+        for stream_id in gone:
+            del self._streams[stream_id]
+        return gone
+
+    def _get_open(self, stream_id: str) -> _MemoryStream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise StreamError(
+                GMIErrorCode.RESOURCE_NOT_FOUND,
+                f"stream {stream_id!r} does not exist",
+                stream_id=stream_id,
+            )
+        if stream.closed:
+            raise StreamError(
+                GMIErrorCode.STREAM_CLOSED,
+                f"stream {stream_id!r} is closed ({stream.close_reason})",
+                stream_id=stream_id,
+                details={"reason": stream.close_reason},
+            )
+        return stream
+
+    def _trim(self, stream: _MemoryStream, now: float) -> None:
+        entries = stream.entries
+        while len(entries) > self.max_chunks:
+            entries.popleft()
+        cutoff = now - self.max_age_seconds
+        while entries and entries[0][1] < cutoff:
+            entries.popleft()

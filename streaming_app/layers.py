@@ -1,0 +1,89 @@
+"""How streams talk to Channels: group names, event shapes, and the sends the manager makes.
+
+A stream is the group ``streaming.<stream_id>``. Events:
+
+- ``stream.chunk``        ``{"seq", "chunk"}`` (chunk = its JSON text, encoded once by the producer)
+- ``stream.closed``       ``{"reason", "last_seq", "code"}``
+- ``stream.deregistered`` ``{"stream_id", "reason", "code"}`` sent to one client's channel
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from channels.exceptions import ChannelFull
+
+from .exceptions import GMIErrorCode, StreamError
+
+logger = logging.getLogger(__name__)
+
+GROUP_PREFIX = "streaming."
+
+CHUNK = "stream.chunk"
+CLOSED = "stream.closed"
+DEREGISTERED = "stream.deregistered"
+
+
+class ChannelLayer(Protocol):
+    """The parts of a Channels layer this app calls."""
+
+    async def send(self, channel: str, message: dict[str, Any]) -> None: ...
+
+    async def receive(self, channel: str) -> dict[str, Any]: ...
+
+    async def new_channel(self, prefix: str = ...) -> str: ...
+
+    async def group_add(self, group: str, channel: str) -> None: ...
+
+    async def group_discard(self, group: str, channel: str) -> None: ...
+
+    async def group_send(self, group: str, message: dict[str, Any]) -> None: ...
+
+
+def group_name(stream_id: str) -> str:
+    """The Channels group of a stream."""
+    return GROUP_PREFIX + stream_id
+
+
+class StreamLayer:
+    """Sends stream events over a channel layer; a failing layer raises ``StreamError``."""
+
+    def __init__(self, layer: ChannelLayer) -> None:
+        self.layer = layer
+
+    async def publish_chunk(self, stream_id: str, seq: int, chunk_json: str) -> None:
+        await self._call(stream_id, "group_send", group_name(stream_id), {
+            "type": CHUNK, "seq": seq, "chunk": chunk_json,
+        })  # fmt: skip
+
+    async def publish_closed(self, stream_id: str, reason: str, last_seq: int, code: int) -> None:
+        await self._call(stream_id, "group_send", group_name(stream_id), {
+            "type": CLOSED, "reason": reason, "last_seq": last_seq, "code": code,
+        })  # fmt: skip
+
+    async def tell_deregistered(
+        self, stream_id: str, channel: str, reason: str, code: int
+    ) -> None:
+        await self._call(stream_id, "send", channel, {
+            "type": DEREGISTERED, "stream_id": stream_id, "reason": reason, "code": code,
+        })  # fmt: skip
+
+    async def join(self, stream_id: str, channel: str) -> None:
+        await self._call(stream_id, "group_add", group_name(stream_id), channel)
+
+    async def leave(self, stream_id: str, channel: str) -> None:
+        await self._call(stream_id, "group_discard", group_name(stream_id), channel)
+
+    async def _call(self, stream_id: str, method: str, *args: Any) -> None:
+        try:
+            await getattr(self.layer, method)(*args)
+        except ChannelFull:  # the client sees a hole in seq and repairs it from history
+            logger.info("channel full on %s for stream %s", method, stream_id)
+        except Exception as exc:
+            logger.exception("channel layer %s failed for stream %s", method, stream_id)
+            raise StreamError(
+                GMIErrorCode.BACKEND_UNAVAILABLE,
+                f"channel layer {method} failed for stream {stream_id!r}: {exc}",
+                stream_id=stream_id,
+            ) from exc

@@ -1,0 +1,625 @@
+"""The StreamingManager: the seed's ``IStreamingManager`` on Django Channels.
+
+Every process has one manager, reached through :func:`get_streaming_manager`. Managers agree
+through the database (streams, clients, limits), the history (sequence numbers, closed flag)
+and the channel layer (fan-out). ``push_chunk`` touches no database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, ParamSpec, TypeVar
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+from django.utils.module_loading import import_string
+
+from .chunks import AgentOSResponse, ErrorChunk, encode_chunk
+from .clients import ChannelBridge, ChannelClient, StreamClient
+from .conf import StreamingManagerConfig, app_settings
+from .exceptions import GMIError, GMIErrorCode, StreamError
+from .history import History
+from .layers import StreamLayer
+from .models import STREAM_ID_PATTERN
+from .protocol import CloseCode
+from .registry import NewClient, NewStream, Registry
+
+logger = logging.getLogger(__name__)
+
+_STREAM_ID = re.compile(STREAM_ID_PATTERN)
+DEFAULT_CLOSE_REASON = "Stream closed"
+SHUTDOWN_REASON = "Server shutting down"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did: streams closed for inactivity and dead clients removed."""
+
+    closed_idle: list[str] = field(default_factory=list)
+    reaped_clients: list[tuple[str, str]] = field(default_factory=list)
+
+
+def build_history() -> History:
+    """The history backend named by ``HISTORY_BACKEND``, built from the settings."""
+    backend = import_string(app_settings.HISTORY_BACKEND)
+    history: History = backend.from_settings() if hasattr(backend, "from_settings") else backend(
+        max_chunks=app_settings.HISTORY_MAX_CHUNKS,
+        max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
+    )
+    return history
+
+
+class StreamingManager:
+    """Creates streams, registers clients, pushes chunks in order and closes streams.
+
+    Every public method raises ``GMIError(NOT_INITIALIZED)`` before :meth:`initialize`.
+    """
+
+    def __init__(self) -> None:
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stats: Counter[str] = Counter()
+        self._config: StreamingManagerConfig | None = None
+        self._registry = Registry()
+        self._history: History | None = None
+        self._layer: StreamLayer | None = None
+        self._bridges: dict[str, dict[str, ChannelBridge]] = {}
+        self._local: dict[str, dict[str, ChannelClient]] = {}
+        self._recorded_heads: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- the seed's API -------------------------------------------------------------------
+
+    async def initialize(self, config: StreamingManagerConfig | None = None) -> None:
+        """Validate ``config`` (default: from settings) and set the manager up.
+
+        Raises ``GMIError(INVALID_ARGUMENT)`` naming every invalid option.
+        """
+        self.configure(config)
+
+    def configure(self, config: StreamingManagerConfig | None = None) -> None:
+        """The synchronous body of :meth:`initialize`, for the accessor."""
+        config = config if config is not None else app_settings.manager_config()
+        problems = config.errors()
+        if problems:
+            raise GMIError(
+                GMIErrorCode.INVALID_ARGUMENT,
+                "invalid StreamingManagerConfig: "
+                + "; ".join(f"{k} {v}" for k, v in problems.items()),
+                details=problems,
+            )
+        layer = get_channel_layer(app_settings.CHANNEL_LAYER)
+        if layer is None:
+            raise GMIError(
+                GMIErrorCode.INVALID_ARGUMENT,
+                f"no channel layer {app_settings.CHANNEL_LAYER!r} in CHANNEL_LAYERS",
+            )
+        self._layer = StreamLayer(layer)
+        self._history = build_history()
+        self._config = config
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._config is not None
+
+    @property
+    def config(self) -> StreamingManagerConfig:
+        """The active configuration; raises ``GMIError(NOT_INITIALIZED)``."""
+        if self._config is None:
+            raise GMIError(
+                GMIErrorCode.NOT_INITIALIZED,
+                "StreamingManager is not initialized: call initialize() first",
+            )
+        return self._config
+
+    @property
+    def history(self) -> History:
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        assert self._history is not None
+        return self._history
+
+    @property
+    def layer(self) -> StreamLayer:
+        self.config  # noqa: B018
+        assert self._layer is not None
+        return self._layer
+
+    async def create_stream(
+        self,
+        requested_stream_id: str | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        owner: Any = None,
+        session_key: str = "",
+        gmi_instance_id: str = "",
+        persona_id: str = "",
+        inactivity_timeout_ms: int | None = None,
+    ) -> str:
+        """Create an active stream; its id (a UUID hex unless ``requested_stream_id``).
+
+        Raises ``StreamError``: RATE_LIMIT_EXCEEDED at ``max_concurrent_streams``,
+        RESOURCE_ALREADY_EXISTS for a requested id in use, INVALID_ARGUMENT for bad input.
+        """
+        config = self.config
+        if requested_stream_id is not None and (
+            not isinstance(requested_stream_id, str) or not _STREAM_ID.match(requested_stream_id)
+        ):
+            raise StreamError(
+                GMIErrorCode.INVALID_ARGUMENT,
+                f"invalid stream id {requested_stream_id!r}: use 1-64 ASCII letters, digits, "
+                "'-', '_' or '.'",
+            )
+        metadata = {} if metadata is None else metadata
+        try:
+            if not isinstance(metadata, dict):
+                raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise StreamError(
+                GMIErrorCode.INVALID_ARGUMENT, f"invalid metadata: {exc}",
+                stream_id=requested_stream_id,
+            ) from exc  # fmt: skip
+        if inactivity_timeout_ms is not None and (
+            isinstance(inactivity_timeout_ms, bool)
+            or not isinstance(inactivity_timeout_ms, int)
+            or inactivity_timeout_ms <= 0
+        ):
+            raise StreamError(
+                GMIErrorCode.INVALID_ARGUMENT,
+                f"inactivity_timeout_ms must be a positive int, not {inactivity_timeout_ms!r}",
+                stream_id=requested_stream_id,
+            )
+        owner_id = getattr(owner, "pk", owner)
+        stream_id = await self._registry.create_stream(
+            NewStream(
+                requested_id=requested_stream_id,
+                owner_id=owner_id,
+                session_key=session_key or "",
+                gmi_instance_id=gmi_instance_id,
+                persona_id=persona_id,
+                metadata=metadata,
+                inactivity_timeout_ms=inactivity_timeout_ms,
+            ),
+            limit=config.max_concurrent_streams,
+        )
+        try:
+            await self.history.open(stream_id)
+        except Exception as exc:
+            await self._registry.delete_stream(stream_id)
+            raise _backend_error(stream_id, "history", exc) from exc
+        self.stats["streams_created"] += 1
+        logger.info("stream %s created (owner=%s)", stream_id, owner_id)
+        return stream_id
+
+    async def register_client(self, stream_id: str, client: StreamClient) -> None:
+        """Subscribe ``client`` to a stream; it first gets what history holds, then live chunks.
+
+        Raises ``StreamError``: RESOURCE_NOT_FOUND, STREAM_CLOSED, RESOURCE_ALREADY_EXISTS,
+        RATE_LIMIT_EXCEEDED at ``max_clients_per_stream``, INVALID_ARGUMENT for an inactive
+        client or an object that is not a StreamClient.
+        """
+        config = self.config
+        if not isinstance(client, StreamClient) or not isinstance(client.id, str) or not client.id:
+            raise StreamError(
+                GMIErrorCode.INVALID_ARGUMENT,
+                f"{client!r} is not a StreamClient (id, send_chunk, notify_stream_closed, "
+                "is_active)",
+                stream_id=stream_id,
+            )
+        if not client.is_active():
+            raise StreamError(
+                GMIErrorCode.INVALID_ARGUMENT,
+                f"client {client.id!r} is not active",
+                stream_id=stream_id,
+                client_id=client.id,
+            )
+        bridge: ChannelBridge | None = None
+        if isinstance(client, ChannelClient):
+            channel, transport, user_id = client.channel_name, client.transport, client.user_id
+        else:
+            bridge = ChannelBridge(
+                stream_id, client, self.layer.layer, self.history, self._on_send_failure
+            )
+            channel, transport, user_id = await bridge.open(), ChannelBridge.transport, None
+        await self._registry.add_client(
+            stream_id,
+            NewClient(client.id, transport, channel, self.worker_id, user_id),
+            limit=config.max_clients_per_stream,
+        )
+        try:
+            await self.layer.join(stream_id, channel)
+        except StreamError:
+            await self._registry.remove_client(stream_id, client.id)
+            raise
+        if bridge is not None:
+            self._bridges.setdefault(stream_id, {})[client.id] = bridge
+            task = bridge.start()
+            task.add_done_callback(lambda _: self._drop_bridge(stream_id, bridge))
+        else:
+            assert isinstance(client, ChannelClient)
+            self._local.setdefault(stream_id, {})[client.id] = client
+        self.ensure_background()
+        self.stats["clients_registered"] += 1
+        logger.info("client %s (%s) registered to stream %s", client.id, transport, stream_id)
+
+    async def deregister_client(self, stream_id: str, client_id: str) -> None:
+        """Remove a client from a stream; it is told and closed if it is still connected.
+
+        Raises ``StreamError(RESOURCE_NOT_FOUND)`` for an unknown stream or client.
+        """
+        self.config  # noqa: B018
+        if not await self._release_client(stream_id, client_id, notify="deregistered"):
+            if not await self._registry.stream_exists(stream_id):
+                raise StreamError(
+                    GMIErrorCode.RESOURCE_NOT_FOUND,
+                    f"stream {stream_id!r} does not exist",
+                    stream_id=stream_id,
+                    client_id=client_id,
+                )
+            raise StreamError(
+                GMIErrorCode.RESOURCE_NOT_FOUND,
+                f"client {client_id!r} is not registered to stream {stream_id!r}",
+                stream_id=stream_id,
+                client_id=client_id,
+            )
+
+    async def push_chunk(self, stream_id: str, chunk: AgentOSResponse | dict[str, Any]) -> int:
+        """Send a chunk to every client of the stream, in order; its sequence number.
+
+        Raises ``StreamError``: INVALID_ARGUMENT for a bad chunk (nothing sent),
+        RESOURCE_NOT_FOUND, STREAM_CLOSED, and with ``'throw'`` CLIENT_SEND_FAILED naming the
+        client(s) whose send failed.
+        """
+        return await self._push(stream_id, chunk, raise_failures=True)
+
+    async def close_stream(self, stream_id: str, reason: str | None = None) -> None:
+        """Close a stream: every client, in every process, gets ``reason`` once and is closed.
+
+        Closing a closed stream does nothing. Raises ``StreamError(RESOURCE_NOT_FOUND)``.
+        """
+        self.config  # noqa: B018
+        reason = reason or DEFAULT_CLOSE_REASON
+        released = await self._registry.close_stream(stream_id, reason)
+        if released is None:
+            logger.debug("stream %s was closed already", stream_id)
+            return
+        head = await self.history.close(stream_id, reason)
+        if head is None:
+            logger.warning("stream %s had no history in this process at close", stream_id)
+        self._local.pop(stream_id, None)
+        self.stats["streams_closed"] += 1
+        logger.info(
+            "stream %s closed (%s); %d client(s) notified", stream_id, reason, len(released)
+        )
+        await self.layer.publish_closed(stream_id, reason, head or 0, CloseCode.STREAM_CLOSED)
+        if head is not None:
+            await self._record_activity([stream_id])
+        self._recorded_heads.pop(stream_id, None)
+
+    async def handle_stream_error(
+        self, stream_id: str, error: BaseException, terminate_stream: bool = True
+    ) -> None:
+        """Send one ``error`` chunk to every client, then close the stream unless told not to.
+
+        Raises ``StreamError``: RESOURCE_NOT_FOUND, STREAM_CLOSED.
+        """
+        self.config  # noqa: B018
+        code = getattr(error, "code", None) or type(error).__name__
+        details = getattr(error, "details", None)
+        chunk = ErrorChunk(
+            stream_id=stream_id,
+            code=str(code),
+            message=str(error) or type(error).__name__,
+            details=details if isinstance(details, dict) else None,
+            is_final=terminate_stream,
+        )
+        logger.warning("stream %s error: %s: %s", stream_id, code, error)
+        await self._push(stream_id, chunk, raise_failures=False)
+        if terminate_stream:
+            await self.close_stream(stream_id, f"Error: {chunk.message}")
+
+    async def get_active_stream_ids(self) -> list[str]:
+        """Ids of all active streams, across every process, oldest first."""
+        self.config  # noqa: B018
+        return await self._registry.active_stream_ids()
+
+    async def get_client_count_for_stream(self, stream_id: str) -> int:
+        """How many clients (in every process) are registered to a stream.
+
+        Raises ``StreamError(RESOURCE_NOT_FOUND)``.
+        """
+        self.config  # noqa: B018
+        return await self._registry.client_count(stream_id)
+
+    async def shutdown(self, reason: str = SHUTDOWN_REASON) -> None:
+        """Close every active stream, stop background work; the manager must be initialized
+        again before further use."""
+        self.config  # noqa: B018
+        for stream_id in await self._registry.active_stream_ids():
+            try:
+                await self.close_stream(stream_id, reason)
+            except StreamError:
+                logger.exception("shutdown could not close stream %s", stream_id)
+        await self._stop_local_work()
+        self._config = None
+        logger.info("streaming manager %s shut down", self.worker_id)
+
+    # -- beyond the seed ----------------------------------------------------------------
+
+    async def detach_worker(self, reason: str = SHUTDOWN_REASON) -> int:
+        """Let this process go without closing streams: its clients are deregistered and told
+        to reconnect (close code 1012). The number of clients released."""
+        self.config  # noqa: B018
+        released = await self._registry.remove_worker_clients(self.worker_id)
+        for ref in released:
+            await self.layer.leave(ref.stream_id, ref.channel_name)
+            await self.layer.tell_deregistered(
+                ref.stream_id, ref.channel_name, reason, CloseCode.SERVICE_RESTART
+            )
+        await self._stop_local_work()
+        return len(released)
+
+    async def client_gone(self, stream_id: str, client_id: str) -> None:
+        """A transport's own disconnect: forget the client, tolerating that it is gone."""
+        await self._release_client(stream_id, client_id, notify=None)
+
+    async def report_send_failure(self, stream_id: str, client_id: str, exc: BaseException) -> None:
+        """A client could not be sent a chunk: apply ``on_client_send_error_behavior``."""
+        await self._on_send_failure(stream_id, client_id, exc, False)
+
+    def ensure_background(self) -> None:
+        """Start this process's sweeper (heartbeats, dead clients, inactivity) if not running."""
+        if self._sweeper is not None and not self._sweeper.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._sweeper = loop.create_task(self._sweep_forever(), name="streaming-sweeper")
+
+    async def sweep(self) -> SweepReport:
+        """One pass of background work: heartbeat this worker's clients, remove dead workers'
+        clients, record activity and close streams idle past their timeout."""
+        config = self.config
+        report = SweepReport()
+        delivered = {
+            (stream_id, client_id): getattr(client, "delivered_seq", 0)
+            for stream_id, clients in self._local.items()
+            for client_id, client in clients.items()
+        }
+        await self._registry.heartbeat(self.worker_id, delivered)
+        for ref in await self._registry.reap_dead_clients(
+            timedelta(seconds=app_settings.CLIENT_TIMEOUT_SECONDS)
+        ):
+            logger.warning(
+                "reaped client %s of stream %s: worker %s stopped sending heartbeats",
+                ref.client_id, ref.stream_id, ref.worker_id,
+            )  # fmt: skip
+            report.reaped_clients.append((ref.stream_id, ref.client_id))
+            with contextlib.suppress(StreamError):
+                await self.layer.leave(ref.stream_id, ref.channel_name)
+        active = await self._registry.active_streams()
+        states = await self.history.states(s.id for s in active)
+        await self._record_activity([s.id for s in active], states)
+        now = time.time()
+        for stream in active:
+            timeout_ms = stream.inactivity_timeout_ms or config.default_stream_inactivity_timeout_ms
+            state = states.get(stream.id)
+            last = state.last_activity if state else stream.last_activity_at.timestamp()
+            if (now - last) * 1000 > timeout_ms:
+                await self.close_stream(
+                    stream.id, f"Closed after {timeout_ms / 1000:g} s of inactivity"
+                )
+                report.closed_idle.append(stream.id)
+        expire = getattr(self.history, "expire_closed", None)
+        if expire is not None:
+            expire()
+        return report
+
+    # -- internals ----------------------------------------------------------------------
+
+    async def _push(
+        self, stream_id: str, chunk: AgentOSResponse | dict[str, Any], *, raise_failures: bool
+    ) -> int:
+        config = self.config
+        chunk_json = encode_chunk(chunk, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
+        throw = raise_failures and config.on_client_send_error_behavior == "throw"
+        try:
+            result = await self.history.append(stream_id, chunk_json, take_failures=throw)
+        except StreamError:
+            raise
+        except Exception as exc:
+            raise _backend_error(stream_id, "history", exc) from exc
+        if result.seq is None:
+            raise _send_failed(stream_id, result.failed_clients, pushed=False)
+        seq = result.seq
+        await self.layer.publish_chunk(stream_id, seq, chunk_json)
+        self.stats["chunks_pushed"] += 1
+        bridges = self._bridges.get(stream_id)
+        if bridges:
+            waiters = {cid: b.delivered(seq) for cid, b in bridges.items()}
+            done, pending = await asyncio.wait(
+                waiters.values(), timeout=app_settings.DELIVERY_TIMEOUT_SECONDS
+            )
+            failed = {cid: f.result() for cid, f in waiters.items() if f in done and f.result()}
+            for cid, f in waiters.items():
+                if f in pending:
+                    f.cancel()
+                    logger.warning("stream %s: client %s still busy with seq %d", stream_id, cid, seq)
+            if throw and failed:
+                raise _send_failed(stream_id, failed, pushed=True, seq=seq)
+        return seq
+
+    async def _on_send_failure(
+        self, stream_id: str, client_id: str, exc: BaseException, reported_inline: bool
+    ) -> None:
+        behavior = self.config.on_client_send_error_behavior
+        self.stats["send_failures"] += 1
+        logger.warning(
+            "send to client %s of stream %s failed (%s): %s: %s",
+            client_id, stream_id, behavior, type(exc).__name__, exc,
+        )  # fmt: skip
+        await self._registry.add_send_failure(stream_id, client_id)
+        if behavior == "deregister_client":
+            await self._release_client(stream_id, client_id, notify="send failed", close=True)
+        elif behavior == "throw" and not reported_inline:
+            await self.history.record_failure(stream_id, client_id, f"{type(exc).__name__}: {exc}")
+
+    async def _release_client(
+        self, stream_id: str, client_id: str, *, notify: str | None, close: bool = False
+    ) -> bool:
+        ref = await self._registry.remove_client(stream_id, client_id)
+        self._local.get(stream_id, {}).pop(client_id, None)
+        bridge = self._bridges.get(stream_id, {}).get(client_id)
+        if ref is None:
+            return False
+        with contextlib.suppress(StreamError):
+            await self.layer.leave(stream_id, ref.channel_name)
+        if bridge is not None:
+            await bridge.stop()
+            self._drop_bridge(stream_id, bridge)
+            closer = getattr(bridge.client, "close", None)
+            if close and closer is not None:
+                try:
+                    await closer(notify or "deregistered")
+                except Exception:
+                    logger.exception("closing client %s failed", client_id)
+        elif notify is not None:
+            await self.layer.tell_deregistered(
+                stream_id, ref.channel_name, notify, CloseCode.DEREGISTERED
+            )
+        logger.info("client %s left stream %s", client_id, stream_id)
+        return True
+
+    def _drop_bridge(self, stream_id: str, bridge: ChannelBridge) -> None:
+        bridges = self._bridges.get(stream_id)
+        if bridges is not None and bridges.get(bridge.id) is bridge:
+            del bridges[bridge.id]
+            if not bridges:
+                del self._bridges[stream_id]
+
+    async def _record_activity(self, stream_ids: list[str], states: Any = None) -> None:
+        if states is None:
+            states = await self.history.states(stream_ids)
+        changed = {
+            sid: st for sid, st in states.items() if self._recorded_heads.get(sid) != st.head_seq
+        }
+        if changed:
+            await self._registry.record_activity(changed)
+            self._recorded_heads.update({sid: st.head_seq for sid, st in changed.items()})
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(app_settings.SWEEP_INTERVAL_SECONDS)
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("streaming sweeper of worker %s failed", self.worker_id)
+
+    async def _stop_local_work(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for bridges in list(self._bridges.values()):
+            for bridge in list(bridges.values()):
+                await bridge.stop()
+        self._bridges.clear()
+        self._local.clear()
+
+    def cancel_background(self) -> None:
+        """Cancel background tasks without awaiting them (for sync callers resetting us)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for bridges in self._bridges.values():
+            for bridge in bridges.values():
+                if bridge._task is not None:
+                    bridge._task.cancel()
+
+
+def _send_failed(
+    stream_id: str, failed: dict[str, str], *, pushed: bool, seq: int | None = None
+) -> StreamError:
+    names = ", ".join(sorted(failed))
+    what = f"chunk {seq} was pushed, but" if pushed else "chunk not pushed:"
+    return StreamError(
+        GMIErrorCode.CLIENT_SEND_FAILED,
+        f"{what} sending to client(s) {names} of stream {stream_id!r} failed",
+        stream_id=stream_id,
+        client_id=sorted(failed)[0],
+        details={"failed_clients": failed, "pushed": pushed, "seq": seq},
+    )
+
+
+def _backend_error(stream_id: str, what: str, exc: BaseException) -> StreamError:
+    logger.error("stream %s: %s backend failed: %s", stream_id, what, exc)
+    return StreamError(
+        GMIErrorCode.BACKEND_UNAVAILABLE,
+        f"the {what} backend is unavailable for stream {stream_id!r}: {exc}",
+        stream_id=stream_id,
+    )
+
+
+class SyncStreamingManager:
+    """The same API for synchronous code (views, Celery tasks, commands)."""
+
+    def __init__(self, manager: StreamingManager) -> None:
+        self._manager = manager
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        attr = getattr(self._manager, name)
+        if not asyncio.iscoroutinefunction(attr):
+            raise AttributeError(name)
+        return _sync(attr)
+
+
+def _sync(func: Callable[P, Awaitable[R]]) -> Callable[P, R]:
+    return async_to_sync(func)
+
+
+_manager: StreamingManager | None = None
+
+
+def get_streaming_manager() -> StreamingManager:
+    """This process's manager, initialized from settings on first use.
+
+    Raises ``GMIError(INVALID_ARGUMENT)`` when the settings are invalid.
+    """
+    global _manager
+    if _manager is None or not _manager.is_initialized:
+        manager = StreamingManager()
+        manager.configure()
+        _manager = manager
+    return _manager
+
+
+def get_sync_streaming_manager() -> SyncStreamingManager:
+    """:func:`get_streaming_manager` for synchronous callers."""
+    return SyncStreamingManager(get_streaming_manager())
+
+
+@receiver(setting_changed)
+def _reset_on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    global _manager
+    if setting in ("STREAMING_APP", "CHANNEL_LAYERS") and _manager is not None:
+        _manager.cancel_background()
+        _manager = None

@@ -1,0 +1,120 @@
+"""The stream registry: one ``Stream`` row per stream, one ``StreamClient`` row per subscriber.
+
+Rows are written when streams and clients come and go, never per chunk; ``chunk_count`` and
+``last_activity_at`` are copied from the history by the sweeper and at close.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+# Channels group names allow ASCII letters, digits, hyphens, underscores and periods.
+STREAM_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+validate_stream_id = RegexValidator(
+    STREAM_ID_PATTERN,
+    _("Stream ids are 1-64 ASCII letters, digits, hyphens, underscores or periods."),
+)
+
+
+class Stream(models.Model):
+    """A stream of one agent response (or conversation) that clients subscribe to."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", _("active")
+        CLOSED = "closed", _("closed")
+
+    id = models.CharField(
+        _("id"), primary_key=True, max_length=64, validators=[validate_stream_id]
+    )
+    status = models.CharField(
+        _("status"), max_length=8, choices=Status.choices, default=Status.ACTIVE
+    )
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("owner"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="streams",
+    )
+    session_key = models.CharField(_("session key"), max_length=40, blank=True)
+    gmi_instance_id = models.CharField(_("GMI instance id"), max_length=128, blank=True)
+    persona_id = models.CharField(_("persona id"), max_length=128, blank=True)
+    metadata = models.JSONField(_("metadata"), default=dict, blank=True)
+    inactivity_timeout_ms = models.PositiveBigIntegerField(
+        _("inactivity timeout (ms)"),
+        null=True,
+        blank=True,
+        help_text=_("Empty: the configured default."),
+    )
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+    last_activity_at = models.DateTimeField(_("last activity"), default=timezone.now)
+    closed_at = models.DateTimeField(_("closed"), null=True, blank=True)
+    close_reason = models.TextField(_("close reason"), blank=True)
+    chunk_count = models.PositiveBigIntegerField(_("chunks pushed"), default=0)
+
+    class Meta:
+        verbose_name = _("stream")
+        verbose_name_plural = _("streams")
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "last_activity_at"], name="streaming_status_activity"),
+            models.Index(fields=["status", "created_at"], name="streaming_status_created"),
+        ]
+        permissions = [("close_stream", _("Can close streams"))]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.get_status_display()})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == self.Status.ACTIVE
+
+
+class StreamClient(models.Model):
+    """A client subscribed to a stream, served by the process named in ``worker_id``."""
+
+    class Transport(models.TextChoices):
+        WEBSOCKET = "websocket", _("WebSocket")
+        SSE = "sse", _("Server-Sent Events")
+        PYTHON = "python", _("Python object")
+
+    stream = models.ForeignKey(
+        Stream, verbose_name=_("stream"), on_delete=models.CASCADE, related_name="clients"
+    )
+    client_id = models.CharField(_("client id"), max_length=128)
+    transport = models.CharField(
+        _("transport"), max_length=16, choices=Transport.choices, default=Transport.PYTHON
+    )
+    channel_name = models.CharField(_("channel name"), max_length=200)
+    worker_id = models.CharField(_("worker"), max_length=128)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("user"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="stream_subscriptions",
+    )
+    connected_at = models.DateTimeField(_("connected since"), default=timezone.now)
+    last_seen_at = models.DateTimeField(_("last seen"), default=timezone.now)
+    delivered_seq = models.PositiveBigIntegerField(_("delivered seq"), default=0)
+    send_failures = models.PositiveIntegerField(_("send failures"), default=0)
+
+    class Meta:
+        verbose_name = _("stream client")
+        verbose_name_plural = _("stream clients")
+        ordering = ["connected_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["stream", "client_id"], name="streaming_unique_client")
+        ]
+        indexes = [
+            models.Index(fields=["worker_id", "last_seen_at"], name="streaming_client_worker"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.client_id} on {self.stream_id}"

@@ -1,0 +1,52 @@
+"""The wire protocol: server frame types, client frame types and WebSocket close codes.
+
+Every server frame is a JSON object with a ``type``. SSE carries the same objects as events.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum, StrEnum
+from typing import Any
+
+
+class ServerFrame(StrEnum):
+    SUBSCRIBED = "subscribed"  # {"client_id", "stream_id", "seq"}: seq = last seq pushed so far
+    CHUNK = "chunk"  # {"seq", "chunk"}
+    GAP = "gap"  # {"from_seq", "to_seq"}: chunks history no longer holds
+    CLOSED = "closed"  # {"reason", "last_seq"}
+    ERROR = "error"  # {"code", "message"}: a problem with the client's request
+    PONG = "pong"  # answer to a client "ping"
+    RECONNECT = "reconnect"  # {"reason", "last_seq"}: the server is going; come back with it
+
+
+class ClientFrame(StrEnum):
+    PING = "ping"
+    CANCEL = "cancel"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server uses, each with one meaning."""
+
+    NORMAL = 1000  # the client asked to close
+    GOING_AWAY = 1001  # the server stopped; reconnect with last_seq
+    MESSAGE_TOO_BIG = 1009  # a client frame over MAX_CLIENT_FRAME_BYTES
+    SERVICE_RESTART = 1012  # deploy/shutdown: reconnect later with last_seq
+    STREAM_CLOSED = 4000  # the stream was closed; the closed frame has the reason
+    BAD_REQUEST = 4400  # malformed URL or query (e.g. last_seq not an integer)
+    FORBIDDEN = 4403  # not allowed to see this stream
+    NOT_FOUND = 4404  # no such stream
+    STREAM_GONE = 4410  # the stream was already closed when the client subscribed
+    DEREGISTERED = 4411  # the manager removed this client (deregister, send failures)
+    STREAM_FULL = 4429  # max_clients_per_stream reached
+    UNAVAILABLE = 4503  # the streaming backend is not reachable
+
+
+def chunk_frame(seq: int, chunk_json: str) -> str:
+    """The ``chunk`` frame for an already encoded chunk, built without re-encoding it."""
+    return f'{{"type":"chunk","seq":{seq},"chunk":{chunk_json}}}'
+
+
+def frame(kind: ServerFrame, **fields: Any) -> str:
+    """Any other server frame as JSON text."""
+    return json.dumps({"type": str(kind), **fields}, separators=(",", ":"))

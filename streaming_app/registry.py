@@ -1,0 +1,273 @@
+"""Streams, clients and the global limits, kept in the database so every process agrees.
+
+Each public method is one ``database_sync_to_async`` call; the writes that must not race
+(creating a stream at the limit, registering a client at the limit, closing) run in one
+transaction behind a lock: a PostgreSQL advisory lock or row lock, and on SQLite the database
+write lock (``"transaction_mode": "IMMEDIATE"``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from .exceptions import GMIErrorCode, StreamError
+from .history import StreamState
+from .models import Stream, StreamClient
+
+# Any fixed 64-bit number; names the advisory lock that serialises stream creation.
+_CREATE_LOCK_KEY = 0x5354524D
+
+
+@dataclass(frozen=True)
+class NewStream:
+    requested_id: str | None
+    owner_id: int | None
+    session_key: str
+    gmi_instance_id: str
+    persona_id: str
+    metadata: dict[str, Any]
+    inactivity_timeout_ms: int | None
+
+
+@dataclass(frozen=True)
+class NewClient:
+    client_id: str
+    transport: str
+    channel_name: str
+    worker_id: str
+    user_id: int | None
+
+
+@dataclass(frozen=True)
+class ClientRef:
+    stream_id: str
+    client_id: str
+    channel_name: str
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class ActiveStream:
+    id: str
+    inactivity_timeout_ms: int | None
+    last_activity_at: datetime
+
+
+def _not_found(stream_id: str) -> StreamError:
+    return StreamError(
+        GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist", stream_id=stream_id
+    )
+
+
+def _lock_for_create() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CREATE_LOCK_KEY])
+
+
+class Registry:
+    """The database side of the manager: no method is called per chunk."""
+
+    @database_sync_to_async
+    def create_stream(self, new: NewStream, *, limit: float) -> str:
+        """Insert an active stream unless ``limit`` streams are active; its id."""
+        with transaction.atomic():
+            _lock_for_create()
+            active = Stream.objects.filter(status=Stream.Status.ACTIVE).count()
+            if active >= limit:
+                raise StreamError(
+                    GMIErrorCode.RATE_LIMIT_EXCEEDED,
+                    f"max_concurrent_streams ({limit:g}) reached: {active} streams are active",
+                    stream_id=new.requested_id,
+                    details={"limit": limit, "active": active},
+                )
+            fields = {
+                "owner_id": new.owner_id,
+                "session_key": new.session_key,
+                "gmi_instance_id": new.gmi_instance_id,
+                "persona_id": new.persona_id,
+                "metadata": new.metadata,
+                "inactivity_timeout_ms": new.inactivity_timeout_ms,
+            }
+            if new.requested_id is not None:
+                if Stream.objects.filter(pk=new.requested_id).exists():
+                    raise StreamError(
+                        GMIErrorCode.RESOURCE_ALREADY_EXISTS,
+                        f"stream {new.requested_id!r} already exists",
+                        stream_id=new.requested_id,
+                    )
+                return Stream.objects.create(id=new.requested_id, **fields).id
+            while True:  # a clash of generated ids just draws another one
+                stream_id = uuid.uuid4().hex
+                if not Stream.objects.filter(pk=stream_id).exists():
+                    return Stream.objects.create(id=stream_id, **fields).id
+
+    @database_sync_to_async
+    def delete_stream(self, stream_id: str) -> None:
+        Stream.objects.filter(pk=stream_id).delete()
+
+    @database_sync_to_async
+    def get_stream(self, stream_id: str) -> Stream:
+        """The stream's row; raises ``StreamError(RESOURCE_NOT_FOUND)``."""
+        try:
+            return Stream.objects.select_related("owner").get(pk=stream_id)
+        except Stream.DoesNotExist:
+            raise _not_found(stream_id) from None
+
+    @database_sync_to_async
+    def add_client(self, stream_id: str, new: NewClient, *, limit: float) -> None:
+        """Insert a client row unless the stream is unknown, closed, full or has it already."""
+        with transaction.atomic():
+            stream = Stream.objects.select_for_update().filter(pk=stream_id).first()
+            if stream is None:
+                raise _not_found(stream_id)
+            if not stream.is_active:
+                raise StreamError(
+                    GMIErrorCode.STREAM_CLOSED,
+                    f"stream {stream_id!r} is closed ({stream.close_reason})",
+                    stream_id=stream_id,
+                    client_id=new.client_id,
+                    details={"reason": stream.close_reason},
+                )
+            clients = StreamClient.objects.filter(stream_id=stream_id)
+            if clients.filter(client_id=new.client_id).exists():
+                raise StreamError(
+                    GMIErrorCode.RESOURCE_ALREADY_EXISTS,
+                    f"client {new.client_id!r} is already registered to stream {stream_id!r}",
+                    stream_id=stream_id,
+                    client_id=new.client_id,
+                )
+            count = clients.count()
+            if count >= limit:
+                raise StreamError(
+                    GMIErrorCode.RATE_LIMIT_EXCEEDED,
+                    f"max_clients_per_stream ({limit:g}) reached for stream {stream_id!r}",
+                    stream_id=stream_id,
+                    client_id=new.client_id,
+                    details={"limit": limit, "clients": count},
+                )
+            try:
+                StreamClient.objects.create(
+                    stream_id=stream_id,
+                    client_id=new.client_id,
+                    transport=new.transport,
+                    channel_name=new.channel_name,
+                    worker_id=new.worker_id,
+                    user_id=new.user_id,
+                )
+            except IntegrityError:  # pragma: no cover - the stream row lock makes this unreachable
+                raise StreamError(
+                    GMIErrorCode.RESOURCE_ALREADY_EXISTS,
+                    f"client {new.client_id!r} is already registered to stream {stream_id!r}",
+                    stream_id=stream_id,
+                    client_id=new.client_id,
+                ) from None
+
+    @database_sync_to_async
+    def remove_client(self, stream_id: str, client_id: str) -> ClientRef | None:
+        """Delete a client row; what it was, or None when there was none."""
+        row = StreamClient.objects.filter(stream_id=stream_id, client_id=client_id).first()
+        if row is None:
+            return None
+        row.delete()
+        return ClientRef(stream_id, client_id, row.channel_name, row.worker_id)
+
+    @database_sync_to_async
+    def stream_exists(self, stream_id: str) -> bool:
+        return Stream.objects.filter(pk=stream_id).exists()
+
+    @database_sync_to_async
+    def close_stream(self, stream_id: str, reason: str) -> list[ClientRef] | None:
+        """Mark the stream closed and drop its clients; None if it was closed already."""
+        with transaction.atomic():
+            updated = Stream.objects.filter(pk=stream_id, status=Stream.Status.ACTIVE).update(
+                status=Stream.Status.CLOSED, closed_at=timezone.now(), close_reason=reason
+            )
+            if not updated:
+                if not Stream.objects.filter(pk=stream_id).exists():
+                    raise _not_found(stream_id)
+                return None
+            rows = StreamClient.objects.filter(stream_id=stream_id)
+            refs = [
+                ClientRef(stream_id, c.client_id, c.channel_name, c.worker_id)
+                for c in rows.only("client_id", "channel_name", "worker_id")
+            ]
+            rows.delete()
+            return refs
+
+    @database_sync_to_async
+    def record_activity(self, states: dict[str, StreamState]) -> None:
+        """Copy chunk counts and last activity from the history onto the rows."""
+        for stream_id, state in states.items():
+            Stream.objects.filter(pk=stream_id).update(
+                chunk_count=state.head_seq,
+                last_activity_at=datetime.fromtimestamp(state.last_activity, tz=UTC),
+            )
+
+    @database_sync_to_async
+    def active_stream_ids(self) -> list[str]:
+        return list(
+            Stream.objects.filter(status=Stream.Status.ACTIVE)
+            .order_by("created_at")
+            .values_list("id", flat=True)
+        )
+
+    @database_sync_to_async
+    def active_streams(self) -> list[ActiveStream]:
+        return [
+            ActiveStream(*row)
+            for row in Stream.objects.filter(status=Stream.Status.ACTIVE).values_list(
+                "id", "inactivity_timeout_ms", "last_activity_at"
+            )
+        ]
+
+    @database_sync_to_async
+    def client_count(self, stream_id: str) -> int:
+        """Clients registered to a stream (0 once closed); raises if the stream is unknown."""
+        if not Stream.objects.filter(pk=stream_id).exists():
+            raise _not_found(stream_id)
+        return StreamClient.objects.filter(stream_id=stream_id).count()
+
+    @database_sync_to_async
+    def add_send_failure(self, stream_id: str, client_id: str) -> None:
+        StreamClient.objects.filter(stream_id=stream_id, client_id=client_id).update(
+            send_failures=F("send_failures") + 1
+        )
+
+    @database_sync_to_async
+    def heartbeat(self, worker_id: str, delivered: dict[tuple[str, str], int]) -> None:
+        """Mark this worker's clients as alive and store how far each has been served."""
+        now = timezone.now()
+        with transaction.atomic():
+            StreamClient.objects.filter(worker_id=worker_id).update(last_seen_at=now)
+            for (stream_id, client_id), seq in delivered.items():
+                StreamClient.objects.filter(stream_id=stream_id, client_id=client_id).update(
+                    delivered_seq=seq
+                )
+
+    @database_sync_to_async
+    def reap_dead_clients(self, older_than: timedelta) -> list[ClientRef]:
+        """Delete clients whose worker stopped sending heartbeats; what was removed."""
+        cutoff = timezone.now() - older_than
+        with transaction.atomic():
+            rows = StreamClient.objects.filter(last_seen_at__lt=cutoff)
+            refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
+            rows.delete()
+        return refs
+
+    @database_sync_to_async
+    def remove_worker_clients(self, worker_id: str) -> list[ClientRef]:
+        """Delete every client served by one worker (its graceful shutdown)."""
+        with transaction.atomic():
+            rows = StreamClient.objects.filter(worker_id=worker_id)
+            refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
+            rows.delete()
+        return refs

@@ -1,0 +1,123 @@
+/*
+ * streaming_app's browser client: one WebSocket per stream, no dependencies.
+ *
+ *   const client = new StreamingClient("<stream id>", {
+ *     onChunk(chunk, seq) {}, onGap(fromSeq, toSeq) {}, onClosed(reason, code) {},
+ *     onError(code, message) {}, onStatus(status) {},
+ *   });
+ *   client.connect();  client.cancel();  client.close();
+ *
+ * It reconnects with exponential back-off after a dropped connection or a server restart and
+ * resumes with ?last_seq=, so every chunk reaches onChunk exactly once, in order.
+ */
+(function (global) {
+  "use strict";
+
+  // Close codes after which reconnecting cannot help (see the README's close codes).
+  var FINAL_CODES = {
+    1000: "closed", 1009: "frame too big", 4000: "stream closed", 4400: "bad request",
+    4403: "forbidden", 4404: "not found", 4410: "stream already closed",
+    4411: "deregistered", 4429: "stream full",
+  };
+
+  function StreamingClient(streamId, options) {
+    options = options || {};
+    this.streamId = streamId;
+    this.lastSeq = options.lastSeq || 0;
+    this.basePath = options.basePath || "/ws/streams/";
+    this.minBackoffMs = options.minBackoffMs || 250;
+    this.maxBackoffMs = options.maxBackoffMs || 10000;
+    this.handlers = options;
+    this.socket = null;
+    this.finished = false;
+    this.attempts = 0;
+    this.timer = null;
+  }
+
+  StreamingClient.prototype.url = function () {
+    var scheme = global.location.protocol === "https:" ? "wss://" : "ws://";
+    return scheme + global.location.host + this.basePath +
+      encodeURIComponent(this.streamId) + "/?last_seq=" + this.lastSeq;
+  };
+
+  StreamingClient.prototype.emit = function (name) {
+    var handler = this.handlers[name];
+    if (typeof handler === "function") {
+      handler.apply(null, Array.prototype.slice.call(arguments, 1));
+    }
+  };
+
+  StreamingClient.prototype.connect = function () {
+    var self = this;
+    if (self.finished) return;
+    self.emit("onStatus", self.attempts ? "reconnecting" : "connecting");
+    var socket = new WebSocket(self.url());
+    self.socket = socket;
+    socket.onopen = function () { self.attempts = 0; };
+    socket.onmessage = function (event) { self.handle(JSON.parse(event.data)); };
+    socket.onclose = function (event) {
+      if (self.socket !== socket) return;
+      self.socket = null;
+      if (self.finished) return;
+      if (FINAL_CODES[event.code]) {
+        self.finished = true;
+        self.emit("onStatus", "closed");
+        if (event.code !== 4000) self.emit("onClosed", FINAL_CODES[event.code], event.code);
+        return;
+      }
+      var delay = Math.min(self.maxBackoffMs, self.minBackoffMs * Math.pow(2, self.attempts));
+      self.attempts += 1;
+      self.emit("onStatus", "waiting");
+      self.timer = global.setTimeout(function () { self.connect(); }, delay);
+    };
+  };
+
+  StreamingClient.prototype.handle = function (frame) {
+    switch (frame.type) {
+      case "subscribed":
+        this.clientId = frame.client_id;
+        this.emit("onStatus", "live");
+        break;
+      case "chunk":
+        if (frame.seq !== null && frame.seq <= this.lastSeq) return; // already shown
+        if (frame.seq !== null) this.lastSeq = frame.seq;
+        this.emit("onChunk", frame.chunk, frame.seq);
+        break;
+      case "gap":
+        this.lastSeq = Math.max(this.lastSeq, frame.to_seq);
+        this.emit("onGap", frame.from_seq, frame.to_seq);
+        break;
+      case "closed":
+        this.finished = true;
+        this.emit("onClosed", frame.reason, 4000);
+        break;
+      case "reconnect":
+        this.lastSeq = Math.max(this.lastSeq, frame.last_seq);
+        this.emit("onStatus", "server restarting");
+        break;
+      case "error":
+        this.emit("onError", frame.code, frame.message);
+        break;
+    }
+  };
+
+  StreamingClient.prototype.send = function (frame) {
+    if (this.socket && this.socket.readyState === WebSocket.OPEN) {
+      this.socket.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  };
+
+  /* Ask the server to stop the stream (its producer learns at its next push). */
+  StreamingClient.prototype.cancel = function () { return this.send({ type: "cancel" }); };
+
+  /* Stop following the stream; it goes on for others. */
+  StreamingClient.prototype.close = function () {
+    this.finished = true;
+    if (this.timer) global.clearTimeout(this.timer);
+    if (this.socket) this.socket.close(1000);
+  };
+
+  global.StreamingClient = StreamingClient;
+})(window);
