@@ -134,7 +134,7 @@ class StreamConsumer(AsyncWebsocketConsumer):
 
     async def close_with(self, code: int) -> None:
         self.closing = True
-        await self.close(code=code)
+        await self.close(code=int(code))
 
     # -- client frames --------------------------------------------------------------
 

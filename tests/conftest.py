@@ -1,0 +1,91 @@
+"""Shared fixtures: a fresh manager and channel layer per test, and plain StreamClients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from channels.layers import channel_layers
+
+from streaming_app import manager as manager_module
+from streaming_app.chunks import AgentOSResponse, TextDeltaChunk
+from streaming_app.manager import StreamingManager, get_streaming_manager
+
+
+@pytest.fixture(autouse=True)
+def _fresh_layers_and_manager() -> Iterator[None]:
+    """Each test gets its own channel layers and its own manager singleton."""
+    channel_layers.backends = {}
+    manager_module._manager = None
+    yield
+    if manager_module._manager is not None:
+        manager_module._manager.cancel_background()
+    manager_module._manager = None
+    channel_layers.backends = {}
+
+
+@pytest.fixture
+async def manager(transactional_db: None) -> AsyncIterator[StreamingManager]:
+    """The process's manager, initialized from settings, shut down after the test."""
+    mgr = get_streaming_manager()
+    yield mgr
+    if mgr.is_initialized:
+        await mgr.shutdown()
+
+
+class RecordingClient:
+    """A plain StreamClient that records what it is sent; ``fail`` makes sends raise."""
+
+    def __init__(self, client_id: str, *, fail: bool = False, active: bool = True) -> None:
+        self._id = client_id
+        self.fail = fail
+        self.active = active
+        self.chunks: list[AgentOSResponse] = []
+        self.closed_reasons: list[str | None] = []
+        self.close_calls: list[str | None] = []
+        self.received = asyncio.Event()
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    async def send_chunk(self, chunk: AgentOSResponse) -> None:
+        if self.fail:
+            raise ConnectionError(f"{self._id} is unreachable")
+        self.chunks.append(chunk)
+        self.received.set()
+
+    async def notify_stream_closed(self, reason: str | None = None) -> None:
+        self.closed_reasons.append(reason)
+
+    def is_active(self) -> bool:
+        return self.active
+
+    async def close(self, reason: str | None = None) -> None:
+        self.close_calls.append(reason)
+        self.active = False
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text_delta for c in self.chunks if isinstance(c, TextDeltaChunk)]
+
+
+def delta(stream_id: str, text: str, **fields: Any) -> TextDeltaChunk:
+    return TextDeltaChunk(stream_id=stream_id, text_delta=text, **fields)
+
+
+async def eventually(predicate: Any, timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` (sync or async) is true; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        await asyncio.sleep(0.01)

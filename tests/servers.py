@@ -1,0 +1,153 @@
+"""Real processes for tests: Daphne workers and ``manage.py`` commands on a shared database.
+
+Tests that cross processes cannot use pytest-django's in-memory test database; they give
+every process the same ``DATABASE_URL`` (a migrated SQLite file, or PostgreSQL) instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this one, without the test settings' leftovers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["DJANGO_SETTINGS_MODULE"] = "project.settings"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def manage(*args: str, env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``manage.py`` with ``args``; the finished process (output captured)."""
+    return subprocess.run(
+        [PYTHON, str(ROOT / "manage.py"), *args],
+        env=dict(env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+_template: dict[str, Path] = {}
+
+
+def migrated_sqlite(directory: Path) -> str:
+    """A ``DATABASE_URL`` of a freshly migrated SQLite file in ``directory``."""
+    if "db" not in _template:
+        template_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"streaming-template-{os.getpid()}"
+        template_dir.mkdir(exist_ok=True)
+        template = template_dir / "template.sqlite3"
+        result = manage("migrate", "-v0", env=base_env(DATABASE_URL=f"sqlite:///{template}"))
+        assert result.returncode == 0, result.stderr
+        _template["db"] = template
+    target = directory / "db.sqlite3"
+    shutil.copy(_template["db"], target)
+    return f"sqlite:///{target}"
+
+
+class DaphneServer:
+    """One Daphne worker serving ``project.asgi`` on a free port of 127.0.0.1."""
+
+    def __init__(self, env: Mapping[str, str], *, port: int | None = None, log: Path | None = None):
+        self.env = dict(env)
+        self.port = port or free_port()
+        self.log_path = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20) -> DaphneServer:
+        self._out = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
+        out = self._out if self._out is not None else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+             "project.asgi:application"],
+            env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daphne exited with {self.process.returncode}: {self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"daphne did not listen on {self.port} within {timeout} s")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def kill(self) -> None:
+        """``kill -9``: the worker dies without any cleanup."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; the exit status."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        return self.process.returncode
+
+    def __enter__(self) -> DaphneServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+async def read_frames(ws: Any) -> list[dict[str, Any]]:
+    """Every JSON frame a ``websockets`` connection receives until the server closes it."""
+    import json
+
+    from websockets.exceptions import ConnectionClosed
+
+    frames = []
+    try:
+        while True:
+            frames.append(json.loads(await ws.recv()))
+    except ConnectionClosed:
+        return frames
