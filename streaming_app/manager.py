@@ -449,11 +449,13 @@ class StreamingManager:
         if result.seq is None:
             raise _send_failed(stream_id, result.failed_clients, pushed=False)
         seq = result.seq
+        # Wait for this process's bridged clients: registered before publishing, so a bridge
+        # that is quicker than us still reports to the waiter.
+        bridges = self._bridges.get(stream_id)
+        waiters = {cid: b.delivered(seq) for cid, b in bridges.items()} if bridges else {}
         await self.layer.publish_chunk(stream_id, seq, chunk_json)
         self.stats["chunks_pushed"] += 1
-        bridges = self._bridges.get(stream_id)
-        if bridges:
-            waiters = {cid: b.delivered(seq) for cid, b in bridges.items()}
+        if waiters:
             done, pending = await asyncio.wait(
                 waiters.values(), timeout=app_settings.DELIVERY_TIMEOUT_SECONDS
             )

@@ -2,26 +2,447 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 import pytest
+from django.test import override_settings
 
-from streaming_app.exceptions import GMIErrorCode, StreamError
-from streaming_app.manager import StreamingManager
+from streaming_app.chunks import ErrorChunk, FinalResponseChunk, TextDeltaChunk
+from streaming_app.conf import StreamingManagerConfig
+from streaming_app.exceptions import GMIError, GMIErrorCode, StreamError
+from streaming_app.manager import StreamingManager, get_streaming_manager
+from streaming_app.models import Stream, StreamClient
 
-from .conftest import RecordingClient, delta
+from .conftest import RecordingClient, delta, eventually
+
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def test_push_reaches_registered_client_in_order(manager: StreamingManager) -> None:
+async def configured(**options: object) -> StreamingManager:
+    manager = StreamingManager()
+    await manager.initialize(StreamingManagerConfig(**options))  # type: ignore[arg-type]
+    return manager
+
+
+# -- initialize and config -------------------------------------------------------------
+
+
+async def test_methods_before_initialize_raise_not_initialized() -> None:
+    manager = StreamingManager()
+    calls = [
+        manager.create_stream(),
+        manager.register_client("s", RecordingClient("a")),
+        manager.deregister_client("s", "a"),
+        manager.push_chunk("s", delta("s", "x")),
+        manager.close_stream("s"),
+        manager.handle_stream_error("s", RuntimeError("x")),
+        manager.get_active_stream_ids(),
+        manager.get_client_count_for_stream("s"),
+        manager.shutdown(),
+    ]
+    for call in calls:
+        with pytest.raises(GMIError) as info:
+            await call
+        assert info.value.code is GMIErrorCode.NOT_INITIALIZED
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"max_concurrent_streams": 0}, "max_concurrent_streams"),
+        ({"max_clients_per_stream": -1}, "max_clients_per_stream"),
+        ({"max_clients_per_stream": 2.5}, "max_clients_per_stream"),
+        ({"default_stream_inactivity_timeout_ms": "300"}, "default_stream_inactivity_timeout_ms"),
+        ({"on_client_send_error_behavior": "ignore"}, "on_client_send_error_behavior"),
+    ],
+)
+async def test_initialize_rejects_invalid_config(options: dict[str, object], field: str) -> None:
+    with pytest.raises(GMIError) as info:
+        await configured(**options)
+    assert info.value.code is GMIErrorCode.INVALID_ARGUMENT
+    assert field in info.value.details
+
+
+async def test_config_defaults_match_the_seed() -> None:
+    config = StreamingManagerConfig()
+    assert (config.max_concurrent_streams, config.default_stream_inactivity_timeout_ms) == (
+        1000,
+        300_000,
+    )
+    assert config.max_clients_per_stream == 10
+    assert config.on_client_send_error_behavior == "log_and_continue"
+    assert get_streaming_manager().config == config
+
+
+async def test_infinite_limits_are_accepted() -> None:
+    manager = await configured(max_concurrent_streams=math.inf, max_clients_per_stream=math.inf)
+    stream_id = await manager.create_stream()
+    assert await manager.get_active_stream_ids() == [stream_id]
+
+
+async def test_accessor_follows_settings() -> None:
+    with override_settings(STREAMING_APP={"MAX_CLIENTS_PER_STREAM": 3}):
+        assert get_streaming_manager().config.max_clients_per_stream == 3
+    assert get_streaming_manager().config.max_clients_per_stream == 10
+
+
+# -- create_stream ---------------------------------------------------------------------
+
+
+async def test_create_stream_generates_ids_and_stores_metadata(manager: StreamingManager) -> None:
+    first = await manager.create_stream(metadata={"topic": "weather"}, gmi_instance_id="g1")
+    second = await manager.create_stream()
+    assert first != second and len(first) == 32
+    row = await Stream.objects.aget(pk=first)
+    assert (row.metadata, row.gmi_instance_id, row.status) == ({"topic": "weather"}, "g1", "active")
+    assert set(await manager.get_active_stream_ids()) == {first, second}
+
+
+async def test_requested_id_is_used_and_a_duplicate_refused(manager: StreamingManager) -> None:
+    assert await manager.create_stream("chat-42") == "chat-42"
+    with pytest.raises(StreamError) as info:
+        await manager.create_stream("chat-42")
+    assert info.value.code is GMIErrorCode.RESOURCE_ALREADY_EXISTS
+    assert info.value.stream_id == "chat-42"
+    assert info.value.http_status == 409
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 65, "slash/es", "ünï"])
+async def test_invalid_requested_id_is_refused(manager: StreamingManager, bad: str) -> None:
+    with pytest.raises(StreamError) as info:
+        await manager.create_stream(bad)
+    assert info.value.code is GMIErrorCode.INVALID_ARGUMENT
+
+
+async def test_metadata_must_be_json(manager: StreamingManager) -> None:
+    with pytest.raises(StreamError) as info:
+        await manager.create_stream(metadata={"when": object()})
+    assert info.value.code is GMIErrorCode.INVALID_ARGUMENT
+    assert await manager.get_active_stream_ids() == []
+
+
+async def test_concurrent_creates_stop_exactly_at_the_limit() -> None:
+    manager = await configured(max_concurrent_streams=5)
+    results = await asyncio.gather(*(manager.create_stream() for _ in range(20)),
+                                   return_exceptions=True)  # fmt: skip
+    created = [r for r in results if isinstance(r, str)]
+    refused = [r for r in results if isinstance(r, StreamError)]
+    assert len(created) == 5 and len(refused) == 15
+    assert {r.code for r in refused} == {GMIErrorCode.RATE_LIMIT_EXCEEDED}
+    assert await Stream.objects.filter(status="active").acount() == 5
+    await manager.close_stream(created[0])
+    assert await manager.create_stream()  # a closed stream frees its place
+
+
+# -- register / deregister -------------------------------------------------------------
+
+
+async def test_late_client_gets_the_chunks_pushed_before_it_joined(
+    manager: StreamingManager,
+) -> None:
+    stream_id = await manager.create_stream()
+    for text in ("a", "b"):
+        await manager.push_chunk(stream_id, delta(stream_id, text))
+    client = RecordingClient("late")
+    await manager.register_client(stream_id, client)
+    await manager.push_chunk(stream_id, delta(stream_id, "c"))
+    assert client.texts == ["a", "b", "c"]
+
+
+async def test_register_errors(manager: StreamingManager) -> None:
+    stream_id = await manager.create_stream()
+    await manager.register_client(stream_id, RecordingClient("a"))
+    cases = [
+        ("missing", RecordingClient("b"), GMIErrorCode.RESOURCE_NOT_FOUND),
+        (stream_id, RecordingClient("a"), GMIErrorCode.RESOURCE_ALREADY_EXISTS),
+        (stream_id, RecordingClient("c", active=False), GMIErrorCode.INVALID_ARGUMENT),
+        (stream_id, object(), GMIErrorCode.INVALID_ARGUMENT),
+    ]
+    for target, client, code in cases:
+        with pytest.raises(StreamError) as info:
+            await manager.register_client(target, client)  # type: ignore[arg-type]
+        assert info.value.code is code, (target, client)
+    await manager.close_stream(stream_id)
+    with pytest.raises(StreamError) as info:
+        await manager.register_client(stream_id, RecordingClient("d"))
+    assert info.value.code is GMIErrorCode.STREAM_CLOSED
+
+
+async def test_concurrent_registrations_stop_exactly_at_the_limit() -> None:
+    manager = await configured(max_clients_per_stream=3)
+    stream_id = await manager.create_stream()
+    clients = [RecordingClient(f"c{i}") for i in range(10)]
+    results = await asyncio.gather(
+        *(manager.register_client(stream_id, c) for c in clients), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, StreamError)]
+    assert len(refused) == 7
+    assert {r.code for r in refused} == {GMIErrorCode.RATE_LIMIT_EXCEEDED}
+    assert await manager.get_client_count_for_stream(stream_id) == 3
+    await manager.shutdown()
+
+
+async def test_deregistered_client_gets_nothing_more(manager: StreamingManager) -> None:
+    stream_id = await manager.create_stream()
+    stays, leaves = RecordingClient("stays"), RecordingClient("leaves")
+    await manager.register_client(stream_id, stays)
+    await manager.register_client(stream_id, leaves)
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    await manager.deregister_client(stream_id, "leaves")
+    await manager.push_chunk(stream_id, delta(stream_id, "2"))
+    assert stays.texts == ["1", "2"] and leaves.texts == ["1"]
+    assert await manager.get_client_count_for_stream(stream_id) == 1
+    assert leaves.close_calls == []  # deregistering is not closing
+    for target, client_id in (("missing", "stays"), (stream_id, "leaves")):
+        with pytest.raises(StreamError) as info:
+            await manager.deregister_client(target, client_id)
+        assert info.value.code is GMIErrorCode.RESOURCE_NOT_FOUND
+
+
+# -- push_chunk ------------------------------------------------------------------------
+
+
+async def test_push_reaches_every_client_in_order(manager: StreamingManager) -> None:
+    stream_id = await manager.create_stream()
+    clients = [RecordingClient(f"c{i}") for i in range(3)]
+    for client in clients:
+        await manager.register_client(stream_id, client)
+    seqs = [await manager.push_chunk(stream_id, delta(stream_id, str(i))) for i in range(50)]
+    assert seqs == list(range(1, 51))
+    for client in clients:
+        assert client.texts == [str(i) for i in range(50)]
+
+
+async def test_push_accepts_wire_mappings(manager: StreamingManager) -> None:
     stream_id = await manager.create_stream()
     client = RecordingClient("a")
     await manager.register_client(stream_id, client)
-    seqs = [await manager.push_chunk(stream_id, delta(stream_id, str(i))) for i in range(20)]
-    assert seqs == list(range(1, 21))
-    assert client.texts == [str(i) for i in range(20)]
+    await manager.push_chunk(
+        stream_id, {"type": "final_response", "stream_id": stream_id, "final_response_text": "ok"}
+    )
+    assert isinstance(client.chunks[0], FinalResponseChunk)
+    assert client.chunks[0].final_response_text == "ok"
 
 
-async def test_push_after_close_raises(manager: StreamingManager) -> None:
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"type": "shout", "stream_id": "S"},
+        {"type": "text_delta", "stream_id": "S"},
+        {"type": "text_delta", "stream_id": "S", "text_delta": 1},
+        {"type": "text_delta", "stream_id": "other", "text_delta": "x"},
+        {"type": "tool_result_emission", "stream_id": "S", "tool_call_id": "1",
+         "tool_name": "t", "tool_result": {1, 2}},
+        {"type": "text_delta", "stream_id": "S", "text_delta": "x" * 70_000},
+        "not a mapping",
+    ],
+)  # fmt: skip
+async def test_bad_chunks_are_refused_before_anything_is_sent(
+    manager: StreamingManager, chunk: object
+) -> None:
+    stream_id = await manager.create_stream("S")
+    client = RecordingClient("a")
+    await manager.register_client(stream_id, client)
+    with pytest.raises(StreamError) as info:
+        await manager.push_chunk(stream_id, chunk)  # type: ignore[arg-type]
+    assert info.value.code is GMIErrorCode.INVALID_ARGUMENT
+    assert await manager.push_chunk(stream_id, delta(stream_id, "next")) == 1
+    assert client.texts == ["next"]
+
+
+async def test_push_to_unknown_stream_raises(manager: StreamingManager) -> None:
+    with pytest.raises(StreamError) as info:
+        await manager.push_chunk("nope", delta("nope", "x"))
+    assert info.value.code is GMIErrorCode.RESOURCE_NOT_FOUND
+
+
+# -- send-error policies -----------------------------------------------------------------
+
+
+async def test_log_and_continue_keeps_the_failing_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    manager = await configured(on_client_send_error_behavior="log_and_continue")
     stream_id = await manager.create_stream()
+    good, bad = RecordingClient("good"), RecordingClient("bad", fail=True)
+    await manager.register_client(stream_id, good)
+    await manager.register_client(stream_id, bad)
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    bad.fail = False
+    await manager.push_chunk(stream_id, delta(stream_id, "2"))
+    assert good.texts == ["1", "2"] and bad.texts == ["2"]
+    assert await manager.get_client_count_for_stream(stream_id) == 2
+    row = await StreamClient.objects.aget(stream_id=stream_id, client_id="bad")
+    assert row.send_failures == 1
+    assert any("bad" in r.getMessage() and stream_id in r.getMessage() for r in caplog.records)
+    await manager.shutdown()
+
+
+async def test_deregister_client_removes_and_closes_the_failing_client() -> None:
+    manager = await configured(on_client_send_error_behavior="deregister_client")
+    stream_id = await manager.create_stream()
+    good, bad = RecordingClient("good"), RecordingClient("bad", fail=True)
+    await manager.register_client(stream_id, good)
+    await manager.register_client(stream_id, bad)
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    assert await manager.get_client_count_for_stream(stream_id) == 1
+    assert bad.close_calls == ["send failed"]
+    bad.fail = False
+    await manager.push_chunk(stream_id, delta(stream_id, "2"))
+    assert good.texts == ["1", "2"] and bad.texts == []
+    await manager.shutdown()
+
+
+async def test_throw_raises_naming_the_failed_clients_after_trying_all() -> None:
+    manager = await configured(on_client_send_error_behavior="throw")
+    stream_id = await manager.create_stream()
+    good = RecordingClient("good")
+    bad1, bad2 = RecordingClient("bad1", fail=True), RecordingClient("bad2", fail=True)
+    for client in (bad1, good, bad2):
+        await manager.register_client(stream_id, client)
+    with pytest.raises(StreamError) as info:
+        await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    assert info.value.code is GMIErrorCode.CLIENT_SEND_FAILED
+    assert set(info.value.details["failed_clients"]) == {"bad1", "bad2"}
+    assert info.value.client_id == "bad1"
+    assert good.texts == ["1"]  # every client was tried
+    assert await manager.get_client_count_for_stream(stream_id) == 3
+    bad1.fail = bad2.fail = False
+    assert await manager.push_chunk(stream_id, delta(stream_id, "2")) == 2  # raised once only
+    await manager.shutdown()
+
+
+async def test_throw_reports_failures_seen_after_the_push_at_the_next_push() -> None:
+    manager = await configured(on_client_send_error_behavior="throw")
+    stream_id = await manager.create_stream()
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    # A consumer in another process reports its failure through the history.
+    await manager.report_send_failure(stream_id, "ws-remote", ConnectionError("gone"))
+    with pytest.raises(StreamError) as info:
+        await manager.push_chunk(stream_id, delta(stream_id, "2"))
+    assert info.value.details == {
+        "failed_clients": {"ws-remote": "ConnectionError: gone"}, "pushed": False, "seq": None,
+    }  # fmt: skip
+    assert await manager.push_chunk(stream_id, delta(stream_id, "2")) == 2
+    await manager.shutdown()
+
+
+# -- close / errors ----------------------------------------------------------------------
+
+
+async def test_close_notifies_every_client_once(manager: StreamingManager) -> None:
+    stream_id = await manager.create_stream()
+    clients = [RecordingClient("a"), RecordingClient("b")]
+    for client in clients:
+        await manager.register_client(stream_id, client)
+    await manager.close_stream(stream_id, "done")
+    await manager.close_stream(stream_id, "again")
+    await eventually(lambda: all(c.closed_reasons for c in clients))
+    await asyncio.sleep(0.05)
+    for client in clients:
+        assert client.closed_reasons == ["done"]
+        assert client.close_calls == ["done"]
+    row = await Stream.objects.aget(pk=stream_id)
+    assert (row.status, row.close_reason) == ("closed", "done")
+    assert await manager.get_client_count_for_stream(stream_id) == 0
+    assert await manager.get_active_stream_ids() == []
+    with pytest.raises(StreamError) as info:
+        await manager.close_stream("missing")
+    assert info.value.code is GMIErrorCode.RESOURCE_NOT_FOUND
+
+
+async def test_push_after_close_raises_and_reaches_nobody(manager: StreamingManager) -> None:
+    stream_id = await manager.create_stream()
+    client = RecordingClient("a")
+    await manager.register_client(stream_id, client)
+    await manager.push_chunk(stream_id, delta(stream_id, "before"))
     await manager.close_stream(stream_id, "done")
     with pytest.raises(StreamError) as info:
-        await manager.push_chunk(stream_id, delta(stream_id, "late"))
+        await manager.push_chunk(stream_id, delta(stream_id, "after"))
     assert info.value.code is GMIErrorCode.STREAM_CLOSED
+    await eventually(lambda: client.closed_reasons)
+    assert client.texts == ["before"]
+
+
+async def test_close_during_pushes_loses_nothing_and_delivers_nothing_after(
+    manager: StreamingManager,
+) -> None:
+    stream_id = await manager.create_stream()
+    client = RecordingClient("a")
+    await manager.register_client(stream_id, client)
+    accepted: list[int] = []
+
+    async def producer() -> None:
+        for i in range(1000):
+            try:
+                accepted.append(await manager.push_chunk(stream_id, delta(stream_id, str(i))))
+            except StreamError as exc:
+                assert exc.code is GMIErrorCode.STREAM_CLOSED
+                return
+
+    async def closer() -> None:
+        await asyncio.sleep(0.02)
+        await manager.close_stream(stream_id, "stop")
+
+    await asyncio.gather(producer(), closer())
+    await eventually(lambda: client.closed_reasons)
+    assert 0 < len(accepted) < 1000
+    assert client.texts == [str(i) for i in range(len(accepted))]
+
+
+async def test_handle_stream_error_sends_one_error_chunk_then_closes(
+    manager: StreamingManager,
+) -> None:
+    stream_id = await manager.create_stream()
+    client = RecordingClient("a")
+    await manager.register_client(stream_id, client)
+    await manager.handle_stream_error(stream_id, RuntimeError("GMI processing failed"))
+    await eventually(lambda: client.closed_reasons)
+    errors = [c for c in client.chunks if isinstance(c, ErrorChunk)]
+    assert len(errors) == 1
+    assert (errors[0].code, errors[0].message) == ("RuntimeError", "GMI processing failed")
+    assert client.closed_reasons == ["Error: GMI processing failed"]
+    with pytest.raises(StreamError):
+        await manager.handle_stream_error("missing", RuntimeError("x"))
+
+
+async def test_handle_stream_error_can_keep_the_stream_open(manager: StreamingManager) -> None:
+    stream_id = await manager.create_stream()
+    client = RecordingClient("a")
+    await manager.register_client(stream_id, client)
+    await manager.handle_stream_error(
+        stream_id, StreamError(GMIErrorCode.STREAM_ERROR, "tool timed out"), terminate_stream=False
+    )
+    await manager.push_chunk(stream_id, delta(stream_id, "recovered"))
+    assert [type(c) for c in client.chunks] == [ErrorChunk, TextDeltaChunk]
+    assert client.chunks[0].is_final is False
+    assert await manager.get_active_stream_ids() == [stream_id]
+
+
+async def test_shutdown_closes_every_stream(manager: StreamingManager) -> None:
+    ids = [await manager.create_stream() for _ in range(3)]
+    client = RecordingClient("a")
+    await manager.register_client(ids[0], client)
+    await manager.shutdown()
+    assert not manager.is_initialized
+    assert await Stream.objects.filter(status="closed").acount() == 3
+    assert {s.close_reason async for s in Stream.objects.all()} == {"Server shutting down"}
+    await eventually(lambda: client.closed_reasons == ["Server shutting down"])
+
+
+async def test_sync_facade_serves_sync_code(manager: StreamingManager) -> None:
+    from asgiref.sync import sync_to_async
+
+    from streaming_app.manager import get_sync_streaming_manager
+
+    def produce() -> tuple[str, int]:
+        sync = get_sync_streaming_manager()
+        stream_id = sync.create_stream(metadata={"from": "celery"})
+        seq = sync.push_chunk(stream_id, delta(stream_id, "hi"))
+        sync.close_stream(stream_id, "done")
+        return stream_id, seq
+
+    stream_id, seq = await sync_to_async(produce)()
+    assert seq == 1
+    assert (await Stream.objects.aget(pk=stream_id)).close_reason == "done"
