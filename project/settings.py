@@ -108,6 +108,9 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
-        "streaming_app": {"handlers": ["console"], "level": os.environ.get("STREAMING_LOG", "INFO")},
+        "streaming_app": {
+            "handlers": ["console"],
+            "level": os.environ.get("STREAMING_LOG", "INFO"),
+        },
     },
 }

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from channels.db import database_sync_to_async
 from django.utils.module_loading import import_string
 
 from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
 from .models import Stream
+from .registry import database_sync_to_async
 
 
 def default_can_subscribe(user: Any, session_key: str | None, stream: Stream) -> bool:
     """Staff, the stream's owner, and the anonymous session that created it."""
-    if user is not None and getattr(user, "is_authenticated", False):
-        if user.is_staff or (stream.owner_id is not None and stream.owner_id == user.pk):
-            return True
+    if getattr(user, "is_authenticated", False) and (
+        user.is_staff or (stream.owner_id is not None and stream.owner_id == user.pk)
+    ):
+        return True
     return bool(stream.session_key) and stream.session_key == session_key
 
 

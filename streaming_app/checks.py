@@ -84,9 +84,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
 def _check_database() -> list[CheckMessage]:
     db = connections["default"]
-    if db.vendor == "sqlite" and db.settings_dict.get("OPTIONS", {}).get(
-        "transaction_mode"
-    ) != "IMMEDIATE" and not db.is_in_memory_db():
+    if (
+        db.vendor == "sqlite"
+        and db.settings_dict.get("OPTIONS", {}).get("transaction_mode") != "IMMEDIATE"
+        and str(db.settings_dict.get("NAME", "")) not in ("", ":memory:")
+    ):
         return [Warning(
             "SQLite without transaction_mode IMMEDIATE: concurrent creates from several "
             "processes may fail with 'database is locked'.",

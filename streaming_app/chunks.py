@@ -8,7 +8,6 @@ before anything is sent.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import types
 import typing
@@ -182,7 +181,9 @@ def parse_chunk(data: Mapping[str, Any]) -> AgentOSResponse:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names - {"type"})
     if unknown:
-        raise _invalid(f"{kind} chunk has unknown fields: {', '.join(unknown)}", stream_id=stream_id)
+        raise _invalid(
+            f"{kind} chunk has unknown fields: {', '.join(unknown)}", stream_id=stream_id
+        )
     missing = sorted(
         f.name
         for f in dataclasses.fields(cls)
@@ -208,7 +209,9 @@ def encode_chunk(
             f"chunk belongs to stream {typed.stream_id!r}, not {stream_id!r}", stream_id=stream_id
         )
     try:
-        text = json.dumps(typed.to_wire(), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(
+            typed.to_wire(), separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
     except (TypeError, ValueError) as exc:
         raise _invalid(f"chunk is not JSON-serialisable: {exc}", stream_id=stream_id) from exc
     size = len(text.encode())
@@ -224,14 +227,17 @@ def encode_chunk(
 def _invalid(
     message: str, *, stream_id: str | None = None, details: dict[str, Any] | None = None
 ) -> StreamError:
-    return StreamError(
-        GMIErrorCode.INVALID_ARGUMENT, message, stream_id=stream_id, details=details
-    )
+    return StreamError(GMIErrorCode.INVALID_ARGUMENT, message, stream_id=stream_id, details=details)
 
 
-@functools.cache
+_HINTS: dict[type[AgentOSResponse], dict[str, Any]] = {}
+
+
 def _type_hints(cls: type[AgentOSResponse]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
 
 
 def _conforms(value: Any, hint: Any) -> bool:

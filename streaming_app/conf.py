@@ -68,9 +68,12 @@ class StreamingManagerConfig:
             "max_clients_per_stream",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                problems[name] = f"must be a positive number, not {value!r}"
-            elif math.isnan(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or math.isnan(value)
+                or value <= 0
+            ):
                 problems[name] = f"must be a positive number, not {value!r}"
             elif not math.isinf(value) and value != int(value):
                 problems[name] = f"must be a whole number or math.inf, not {value!r}"

@@ -35,7 +35,10 @@ CLOSE_CODE_FOR_ERROR: dict[GMIErrorCode, CloseCode] = {
 
 
 def parse_last_seq(query_string: bytes | str, stream_id: str) -> int:
-    """``last_seq`` from a query string (0 when absent); raises ``StreamError(INVALID_ARGUMENT)``."""
+    """``last_seq`` from a query string, 0 when absent.
+
+    Raises ``StreamError(INVALID_ARGUMENT)`` for anything but a non-negative integer.
+    """
     if isinstance(query_string, bytes):
         query_string = query_string.decode("latin-1")
     values = parse_qs(query_string).get("last_seq")
@@ -117,13 +120,18 @@ class StreamConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
-        if self.registered:
-            self.registered = False
-            try:
-                await get_streaming_manager().client_gone(self.stream_id, self.client_id)
-            except GMIError:
-                logger.exception("client %s of stream %s: deregistration failed",
-                                 self.client_id, self.stream_id)  # fmt: skip
+        await self.leave()
+
+    async def leave(self) -> None:
+        """Deregister from the manager once (on our close or the peer's)."""
+        if not self.registered:
+            return
+        self.registered = False
+        try:
+            await get_streaming_manager().client_gone(self.stream_id, self.client_id)
+        except GMIError:
+            logger.exception("client %s of stream %s: deregistration failed",
+                             self.client_id, self.stream_id)  # fmt: skip
 
     async def refuse(self, exc: GMIError) -> None:
         """Tell the peer why it cannot follow the stream, then close with the matching code."""
@@ -134,6 +142,7 @@ class StreamConsumer(AsyncWebsocketConsumer):
 
     async def close_with(self, code: int) -> None:
         self.closing = True
+        await self.leave()
         await self.close(code=int(code))
 
     # -- client frames --------------------------------------------------------------
@@ -141,8 +150,8 @@ class StreamConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         size = len(text_data.encode()) if text_data is not None else len(bytes_data or b"")
         if size > app_settings.MAX_CLIENT_FRAME_BYTES:
-            await self.send_error("frame_too_big",
-                                  f"frames are limited to {app_settings.MAX_CLIENT_FRAME_BYTES} bytes")  # fmt: skip
+            limit = app_settings.MAX_CLIENT_FRAME_BYTES
+            await self.send_error("frame_too_big", f"frames are limited to {limit} bytes")
             await self.close_with(CloseCode.MESSAGE_TOO_BIG)
             return
         try:
@@ -180,14 +189,13 @@ class StreamConsumer(AsyncWebsocketConsumer):
         if self.delivery is None or self.closing:
             return
         await self.emit(await self.delivery.catch_up(event["last_seq"]))
-        self.registered = False
         await self.notify_stream_closed(event["reason"])
         await self.close_with(event.get("code", CloseCode.STREAM_CLOSED))
 
     async def stream_deregistered(self, event: dict[str, Any]) -> None:
         if self.closing:
             return
-        self.registered = False
+        self.registered = False  # the manager has already removed us
         code = event.get("code", CloseCode.DEREGISTERED)
         if code == CloseCode.SERVICE_RESTART:
             await self.send(text_data=frame(ServerFrame.RECONNECT, reason=event["reason"],

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Protocol
 
 from .exceptions import GMIErrorCode, StreamError

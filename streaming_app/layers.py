@@ -62,9 +62,7 @@ class StreamLayer:
             "type": CLOSED, "reason": reason, "last_seq": last_seq, "code": code,
         })  # fmt: skip
 
-    async def tell_deregistered(
-        self, stream_id: str, channel: str, reason: str, code: int
-    ) -> None:
+    async def tell_deregistered(self, stream_id: str, channel: str, reason: str, code: int) -> None:
         await self._call(stream_id, "send", channel, {
             "type": DEREGISTERED, "stream_id": stream_id, "reason": reason, "code": code,
         })  # fmt: skip

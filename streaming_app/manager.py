@@ -59,9 +59,13 @@ class SweepReport:
 def build_history() -> History:
     """The history backend named by ``HISTORY_BACKEND``, built from the settings."""
     backend = import_string(app_settings.HISTORY_BACKEND)
-    history: History = backend.from_settings() if hasattr(backend, "from_settings") else backend(
-        max_chunks=app_settings.HISTORY_MAX_CHUNKS,
-        max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
+    history: History = (
+        backend.from_settings()
+        if hasattr(backend, "from_settings")
+        else backend(
+            max_chunks=app_settings.HISTORY_MAX_CHUNKS,
+            max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
+        )
     )
     return history
 
@@ -438,7 +442,9 @@ class StreamingManager:
         self, stream_id: str, chunk: AgentOSResponse | dict[str, Any], *, raise_failures: bool
     ) -> int:
         config = self.config
-        chunk_json = encode_chunk(chunk, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
+        chunk_json = encode_chunk(
+            chunk, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES
+        )
         throw = raise_failures and config.on_client_send_error_behavior == "throw"
         try:
             result = await self.history.append(stream_id, chunk_json, take_failures=throw)
@@ -459,11 +465,13 @@ class StreamingManager:
             done, pending = await asyncio.wait(
                 waiters.values(), timeout=app_settings.DELIVERY_TIMEOUT_SECONDS
             )
-            failed = {cid: f.result() for cid, f in waiters.items() if f in done and f.result()}
+            failed = {cid: msg for cid, f in waiters.items() if f in done and (msg := f.result())}
             for cid, f in waiters.items():
                 if f in pending:
                     f.cancel()
-                    logger.warning("stream %s: client %s still busy with seq %d", stream_id, cid, seq)
+                    logger.warning(
+                        "stream %s: client %s still busy with seq %d", stream_id, cid, seq
+                    )
             if throw and failed:
                 raise _send_failed(stream_id, failed, pushed=True, seq=seq)
         return seq

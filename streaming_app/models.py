@@ -27,9 +27,7 @@ class Stream(models.Model):
         ACTIVE = "active", _("active")
         CLOSED = "closed", _("closed")
 
-    id = models.CharField(
-        _("id"), primary_key=True, max_length=64, validators=[validate_stream_id]
-    )
+    id = models.CharField(_("id"), primary_key=True, max_length=64, validators=[validate_stream_id])
     status = models.CharField(
         _("status"), max_length=8, choices=Status.choices, default=Status.ACTIVE
     )

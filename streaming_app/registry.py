@@ -11,9 +11,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from channels.db import database_sync_to_async
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -22,8 +21,16 @@ from .exceptions import GMIErrorCode, StreamError
 from .history import StreamState
 from .models import Stream, StreamClient
 
+if TYPE_CHECKING:  # channels is untyped; its wrapper has asgiref's signature
+    from asgiref.sync import sync_to_async as database_sync_to_async
+else:
+    from channels.db import database_sync_to_async
+
 # Any fixed 64-bit number; names the advisory lock that serialises stream creation.
 _CREATE_LOCK_KEY = 0x5354524D
+
+
+__all__ = ["Registry", "database_sync_to_async"]
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def manage(*args: str, env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def manage(
+    *args: str, env: Mapping[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``manage.py`` with ``args``; the finished process (output captured)."""
     return subprocess.run(
         [PYTHON, str(ROOT / "manage.py"), *args],
@@ -134,7 +136,10 @@ class DaphneServer:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 

@@ -49,7 +49,11 @@ async def test_reply_streams_token_by_token_through_daphne(tmp_path: Path) -> No
     assert final["type"] == "final_response"
     assert text == final["final_response_text"]
     assert "one two three" in text
-    assert frames[-1] == {"type": "closed", "reason": "Interaction complete.", "last_seq": len(chunks)}
+    assert frames[-1] == {
+        "type": "closed",
+        "reason": "Interaction complete.",
+        "last_seq": len(chunks),
+    }
 
 
 async def test_other_session_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,318 @@
+"""The WebSocket consumer, through Channels' WebsocketCommunicator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import AnonymousUser, User
+from django.contrib.sessions.backends.db import SessionStore
+from django.test import override_settings
+
+from streaming_app.manager import StreamingManager, get_streaming_manager
+from streaming_app.protocol import CloseCode
+from streaming_app.routing import websocket_urlpatterns
+
+from .conftest import delta
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+application = URLRouter(websocket_urlpatterns)
+
+
+class Peer:
+    """A connected WebSocket peer and what it has received."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.communicator = communicator
+
+    async def frame(self, timeout: float = 2) -> dict[str, Any]:
+        output = await self.communicator.receive_output(timeout)
+        if output["type"] == "websocket.close":
+            raise AssertionError(f"socket closed with {output.get('code')}")
+        return json.loads(output["text"])  # type: ignore[no-any-return]
+
+    async def frames_until_close(self, timeout: float = 2) -> tuple[list[dict[str, Any]], int]:
+        frames: list[dict[str, Any]] = []
+        while True:
+            output = await self.communicator.receive_output(timeout)
+            if output["type"] == "websocket.close":
+                return frames, output.get("code", 1000)
+            frames.append(json.loads(output["text"]))
+
+    async def send(self, data: Any) -> None:
+        await self.communicator.send_to(
+            text_data=data if isinstance(data, str) else json.dumps(data)
+        )
+
+    async def silent(self) -> bool:
+        return bool(await self.communicator.receive_nothing(timeout=0.1))
+
+
+@pytest.fixture
+async def session_key(transactional_db: None) -> str:
+    store = SessionStore()
+    await sync_to_async(store.create)()
+    assert store.session_key is not None
+    return store.session_key
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[list[WebsocketCommunicator]]:
+    opened: list[WebsocketCommunicator] = []
+    yield opened
+    for communicator in opened:
+        await communicator.disconnect()
+
+
+@pytest.fixture
+def connect(peers: list[WebsocketCommunicator], session_key: str) -> Any:
+    async def connect(
+        stream_id: str, *, query: str = "", user: Any = None, session: str | None = None
+    ) -> Peer:
+        path = f"/ws/streams/{stream_id}/" + (f"?{query}" if query else "")
+        communicator = WebsocketCommunicator(application, path)
+        communicator.scope["user"] = user or AnonymousUser()
+        communicator.scope["session"] = SessionStore(session_key=session or session_key)
+        connected, _ = await communicator.connect()
+        assert connected
+        peers.append(communicator)
+        return Peer(communicator)
+
+    return connect
+
+
+def texts(frames: list[dict[str, Any]]) -> list[str]:
+    return [f["chunk"]["text_delta"] for f in frames if f["type"] == "chunk"]
+
+
+async def test_subscribe_receive_live_chunks_then_close(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    subscribed = await peer.frame()
+    assert subscribed["type"] == "subscribed"
+    assert subscribed["seq"] == 0
+    assert await manager.get_client_count_for_stream(stream_id) == 1
+    for text in ("Hel", "lo"):
+        await manager.push_chunk(stream_id, delta(stream_id, text))
+    await manager.close_stream(stream_id, "done")
+    frames, code = await peer.frames_until_close()
+    assert [f.get("seq") for f in frames] == [1, 2, None]
+    assert texts(frames) == ["Hel", "lo"]
+    assert frames[-1] == {"type": "closed", "reason": "done", "last_seq": 2}
+    assert code == CloseCode.STREAM_CLOSED
+
+
+async def test_resume_from_last_seq_then_live(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    for i in range(1, 6):
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    peer = await connect(stream_id, query="last_seq=3")
+    assert (await peer.frame())["seq"] == 5
+    assert [(await peer.frame())["seq"] for _ in range(2)] == [4, 5]
+    await manager.push_chunk(stream_id, delta(stream_id, "6"))
+    assert texts([await peer.frame()]) == ["6"]
+    assert await peer.silent()
+
+
+async def test_a_client_without_last_seq_gets_the_whole_stream(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    for i in range(3):
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    peer = await connect(stream_id)
+    frames = [await peer.frame() for _ in range(4)]
+    assert texts(frames) == ["0", "1", "2"]
+
+
+@override_settings(STREAMING_APP={"HISTORY_MAX_CHUNKS": 3})
+async def test_gap_frame_when_history_no_longer_holds_the_missed_range(
+    connect: Any, session_key: str
+) -> None:
+    manager = get_streaming_manager()  # after the override
+    stream_id = await manager.create_stream(session_key=session_key)
+    for i in range(1, 11):
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    peer = await connect(stream_id, query="last_seq=2")
+    frames = [await peer.frame() for _ in range(5)]
+    assert frames[1] == {"type": "gap", "from_seq": 3, "to_seq": 7}
+    assert [f["seq"] for f in frames[2:]] == [8, 9, 10]
+
+
+@override_settings(
+    CHANNEL_LAYERS={"default": {"BACKEND": "channels.layers.InMemoryChannelLayer",
+                                "CONFIG": {"capacity": 5}}}
+)  # fmt: skip
+async def test_overflowing_channel_is_repaired_from_history(connect: Any, session_key: str) -> None:
+    manager = get_streaming_manager()  # after the override
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    for i in range(1, 61):  # no await yields to the consumer: its channel overflows
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    await manager.close_stream(stream_id, "done")
+    frames, code = await peer.frames_until_close()
+    assert texts(frames) == [str(i) for i in range(1, 61)]
+    assert code == CloseCode.STREAM_CLOSED
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "error"),
+    [
+        ("unknown", CloseCode.NOT_FOUND, "RESOURCE_NOT_FOUND"),
+        ("closed", CloseCode.STREAM_GONE, "STREAM_CLOSED"),
+        ("forbidden", CloseCode.FORBIDDEN, "PERMISSION_DENIED"),
+        ("full", CloseCode.STREAM_FULL, "RATE_LIMIT_EXCEEDED"),
+        ("bad_last_seq", CloseCode.BAD_REQUEST, "INVALID_ARGUMENT"),
+    ],
+)
+@override_settings(STREAMING_APP={"MAX_CLIENTS_PER_STREAM": 1})
+async def test_refusals_have_their_own_close_codes(
+    connect: Any, session_key: str, case: str, code: int, error: str
+) -> None:
+    manager = get_streaming_manager()  # after the override
+    stream_id = await manager.create_stream(session_key=session_key)
+    query, session = "", session_key
+    if case == "unknown":
+        stream_id = "no-such-stream"
+    elif case == "closed":
+        await manager.close_stream(stream_id, "over")
+    elif case == "forbidden":
+        other = SessionStore()
+        await sync_to_async(other.create)()
+        session = other.session_key or ""
+    elif case == "full":
+        await (await connect(stream_id)).frame()
+    elif case == "bad_last_seq":
+        query = "last_seq=-4"
+    peer = await connect(stream_id, query=query, session=session)
+    frames, close_code = await peer.frames_until_close()
+    assert close_code == code
+    assert [f["code"] for f in frames] == [error]
+
+
+async def test_owner_and_staff_may_subscribe(manager: StreamingManager, connect: Any) -> None:
+    owner = await User.objects.acreate(username="owner")
+    staff = await User.objects.acreate(username="staff", is_staff=True)
+    other = await User.objects.acreate(username="other")
+    stream_id = await manager.create_stream(owner=owner)
+    for user in (owner, staff):
+        assert (await (await connect(stream_id, user=user)).frame())["type"] == "subscribed"
+    _frames, code = await (await connect(stream_id, user=other)).frames_until_close()
+    assert code == CloseCode.FORBIDDEN
+
+
+async def test_malformed_frames_get_an_error_and_the_socket_stays(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    for bad in ("not json", "[1, 2]", {"type": "dance"}):
+        await peer.send(bad)
+        assert (await peer.frame())["code"] == "bad_frame"
+    await peer.send({"type": "ping"})
+    assert await peer.frame() == {"type": "pong"}
+    await manager.push_chunk(stream_id, delta(stream_id, "still here"))
+    assert texts([await peer.frame()]) == ["still here"]
+
+
+async def test_oversized_frame_closes_with_1009(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    await peer.send({"type": "ping", "pad": "x" * 5000})
+    frames, code = await peer.frames_until_close()
+    assert code == CloseCode.MESSAGE_TOO_BIG
+    assert frames[0]["code"] == "frame_too_big"
+    assert await manager.get_client_count_for_stream(stream_id) == 0
+
+
+async def test_cancel_closes_the_stream_for_everyone(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    canceller, watcher = await connect(stream_id), await connect(stream_id)
+    await canceller.frame()
+    await watcher.frame()
+    await canceller.send({"type": "cancel"})
+    for peer in (canceller, watcher):
+        frames, code = await peer.frames_until_close()
+        assert frames[-1]["reason"] == "cancelled"
+        assert code == CloseCode.STREAM_CLOSED
+    assert await manager.get_active_stream_ids() == []
+
+
+@override_settings(STREAMING_APP={"CAN_CANCEL": "tests.test_consumers.nobody"})
+async def test_cancel_needs_the_cancel_rule(connect: Any, session_key: str) -> None:
+    manager = get_streaming_manager()  # after the override
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    await peer.send({"type": "cancel"})
+    assert (await peer.frame())["code"] == "PERMISSION_DENIED"
+    assert await manager.get_active_stream_ids() == [stream_id]
+
+
+def nobody(user: Any, session_key: str | None, stream: Any) -> bool:
+    return False
+
+
+async def test_disconnect_deregisters_and_leaves_the_stream_running(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    await peer.communicator.disconnect()
+    assert await manager.get_client_count_for_stream(stream_id) == 0
+    assert await manager.push_chunk(stream_id, delta(stream_id, "on")) == 1
+
+
+async def test_deregister_client_closes_the_socket(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    client_id = (await peer.frame())["client_id"]
+    await manager.deregister_client(stream_id, client_id)
+    frames, code = await peer.frames_until_close()
+    assert code == CloseCode.DEREGISTERED
+    assert frames == [{"type": "closed", "reason": "deregistered", "last_seq": 0}]
+
+
+@override_settings(STREAMING_APP={"ON_CLIENT_SEND_ERROR_BEHAVIOR": "deregister_client"})
+async def test_failed_socket_send_applies_the_policy(
+    connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = get_streaming_manager()  # after the override
+    from streaming_app.consumers import StreamConsumer
+
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    original = StreamConsumer.send
+
+    async def failing_send(self: StreamConsumer, text_data: str | None = None, **kw: Any) -> None:
+        if text_data and '"type":"chunk"' in text_data:
+            raise ConnectionResetError("peer vanished")  # a dead TCP peer, mid-send
+        await original(self, text_data=text_data, **kw)
+
+    monkeypatch.setattr(StreamConsumer, "send", failing_send)
+    await manager.push_chunk(stream_id, delta(stream_id, "lost"))
+    frames, code = await peer.frames_until_close()
+    assert code == CloseCode.DEREGISTERED
+    assert frames == [{"type": "closed", "reason": "send failed", "last_seq": 1}]
+    assert await manager.get_client_count_for_stream(stream_id) == 0
