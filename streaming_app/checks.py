@@ -67,7 +67,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         value = app_settings.get(key)
         try:
             import_string(value)
-        except (ImportError, TypeError, ValueError) as exc:
+        except (ImportError, TypeError, ValueError, AttributeError) as exc:
             messages.append(Error(
                 f"{SETTING_NAME}['{key}'] = {value!r} cannot be imported: {exc}.",
                 hint="Give a dotted path to an importable object.", id=check_id,
@@ -78,16 +78,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             f"{SETTING_NAME}['CHANNEL_LAYER'] = {alias!r} is not in CHANNEL_LAYERS.",
             hint="Configure CHANNEL_LAYERS (see the README).", id="streaming_app.E017",
         ))  # fmt: skip
-    messages.extend(_check_database())
+    db = connections["default"]
+    messages.extend(database_messages(db.vendor, db.settings_dict))
     return messages
 
 
-def _check_database() -> list[CheckMessage]:
-    db = connections["default"]
+def database_messages(vendor: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
+    """Warnings about a database the global limits cannot rely on."""
     if (
-        db.vendor == "sqlite"
-        and db.settings_dict.get("OPTIONS", {}).get("transaction_mode") != "IMMEDIATE"
-        and str(db.settings_dict.get("NAME", "")) not in ("", ":memory:")
+        vendor == "sqlite"
+        and settings_dict.get("OPTIONS", {}).get("transaction_mode") != "IMMEDIATE"
+        and str(settings_dict.get("NAME", "")) not in ("", ":memory:")
     ):
         return [Warning(
             "SQLite without transaction_mode IMMEDIATE: concurrent creates from several "
@@ -95,10 +96,10 @@ def _check_database() -> list[CheckMessage]:
             hint="Set DATABASES['default']['OPTIONS']['transaction_mode'] = 'IMMEDIATE'.",
             id="streaming_app.W001",
         )]  # fmt: skip
-    if db.vendor not in ("sqlite", "postgresql"):
+    if vendor not in ("sqlite", "postgresql"):
         return [Warning(
             f"Global stream limits are enforced with locks on SQLite and PostgreSQL; "
-            f"{db.vendor} may overshoot them under concurrent creates.",
+            f"{vendor} may overshoot them under concurrent creates.",
             hint="Use PostgreSQL in production.", id="streaming_app.W002",
         )]  # fmt: skip
     return []

@@ -1,0 +1,56 @@
+"""Every STREAMING_APP setting is checked at start-up with a stable id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core.checks import Error
+from django.test import override_settings
+
+from streaming_app.checks import check_settings, database_messages
+
+
+def ids(setting: Any, **extra: Any) -> set[str]:
+    with override_settings(STREAMING_APP=setting, **extra):
+        return {m.id for m in check_settings() if m.id}
+
+
+def test_defaults_pass() -> None:
+    assert [m for m in check_settings() if isinstance(m, Error)] == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "check_id"),
+    [
+        (["not", "a", "dict"], "streaming_app.E001"),
+        ({"MAX_CONCURRENT_STREAMS": 0}, "streaming_app.E002"),
+        ({"DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": -5}, "streaming_app.E003"),
+        ({"MAX_CLIENTS_PER_STREAM": "ten"}, "streaming_app.E004"),
+        ({"ON_CLIENT_SEND_ERROR_BEHAVIOR": "explode"}, "streaming_app.E005"),
+        ({"MAX_CHUNK_BYTES": 0}, "streaming_app.E006"),
+        ({"MAX_CLIENT_FRAME_BYTES": None}, "streaming_app.E007"),
+        ({"HISTORY_MAX_CHUNKS": -1}, "streaming_app.E008"),
+        ({"HISTORY_MAX_AGE_SECONDS": 0}, "streaming_app.E009"),
+        ({"SWEEP_INTERVAL_SECONDS": 0}, "streaming_app.E010"),
+        ({"CLIENT_TIMEOUT_SECONDS": True}, "streaming_app.E011"),
+        ({"DELIVERY_TIMEOUT_SECONDS": -1}, "streaming_app.E012"),
+        ({"HISTORY_BACKEND": "nowhere.Nothing"}, "streaming_app.E013"),
+        ({"CAN_SUBSCRIBE": "streaming_app.auth.missing"}, "streaming_app.E014"),
+        ({"CAN_CANCEL": 42}, "streaming_app.E015"),
+        ({"MAX_STREAMS": 5}, "streaming_app.E016"),
+        ({"CHANNEL_LAYER": "other"}, "streaming_app.E017"),
+        ({"AGENT": "streaming_app.agents.nope"}, "streaming_app.E018"),
+    ],
+)
+def test_each_bad_value_has_its_own_check(setting: Any, check_id: str) -> None:
+    assert check_id in ids(setting)
+
+
+def test_databases_the_limits_cannot_rely_on_are_warned_about() -> None:
+    sqlite = {"NAME": "/srv/db.sqlite3", "OPTIONS": {}}
+    assert [m.id for m in database_messages("sqlite", sqlite)] == ["streaming_app.W001"]
+    immediate = {"NAME": "/srv/db.sqlite3", "OPTIONS": {"transaction_mode": "IMMEDIATE"}}
+    assert database_messages("sqlite", immediate) == []
+    assert database_messages("postgresql", {"NAME": "app"}) == []
+    assert [m.id for m in database_messages("mysql", {})] == ["streaming_app.W002"]

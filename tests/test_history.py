@@ -1,0 +1,77 @@
+"""MemoryHistory: sequence numbers, bounded retention, close and send failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from streaming_app.exceptions import GMIErrorCode, StreamError
+from streaming_app.history import MemoryHistory
+
+
+def make(max_chunks: int = 100, max_age: float = 3600) -> MemoryHistory:
+    return MemoryHistory(max_chunks=max_chunks, max_age_seconds=max_age)
+
+
+async def test_sequence_numbers_and_reads() -> None:
+    history = make()
+    await history.open("s")
+    seqs = [(await history.append("s", f'"{i}"', take_failures=False)).seq for i in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    replay = await history.read_after("s", 2)
+    assert replay.entries == [(3, '"2"'), (4, '"3"'), (5, '"4"')] and replay.head_seq == 5
+    assert (await history.read_after("s", 1, up_to=3)).entries == [(2, '"1"'), (3, '"2"')]
+    assert (await history.read_after("s", 5)).entries == []
+    assert (await history.read_after("unknown", 0)).head_seq == 0
+
+
+async def test_retention_by_count_and_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    history = make(max_chunks=3, max_age=10)
+    await history.open("s")
+    clock = [1000.0]
+    monkeypatch.setattr("streaming_app.history.time.time", lambda: clock[0])
+    for i in range(5):
+        await history.append("s", str(i), take_failures=False)
+    assert [seq for seq, _ in (await history.read_after("s", 0)).entries] == [3, 4, 5]
+    clock[0] += 11
+    assert (await history.read_after("s", 0)).entries == []
+    state = (await history.states(["s"]))["s"]
+    assert (state.head_seq, state.first_seq) == (5, 6)
+
+
+async def test_close_is_idempotent_and_stops_appends() -> None:
+    history = make()
+    await history.open("s")
+    await history.append("s", "1", take_failures=False)
+    assert await history.close("s", "done") == 1
+    assert await history.close("s", "again") == 1
+    with pytest.raises(StreamError) as info:
+        await history.append("s", "2", take_failures=False)
+    assert info.value.code is GMIErrorCode.STREAM_CLOSED
+    assert (await history.states(["s"]))["s"].close_reason == "done"
+    assert await history.close("unknown", "x") is None
+    with pytest.raises(StreamError) as info:
+        await history.append("unknown", "1", take_failures=False)
+    assert info.value.code is GMIErrorCode.RESOURCE_NOT_FOUND
+
+
+async def test_failures_are_taken_once_instead_of_appending() -> None:
+    history = make()
+    await history.open("s")
+    await history.record_failure("s", "c1", "boom")
+    assert (await history.append("s", "1", take_failures=False)).seq == 1
+    result = await history.append("s", "2", take_failures=True)
+    assert (result.seq, result.failed_clients) == (None, {"c1": "boom"})
+    assert (await history.append("s", "2", take_failures=True)).seq == 2
+
+
+async def test_forget_and_expire_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    history = make(max_age=10)
+    for stream_id in ("a", "b", "c"):
+        await history.open(stream_id)
+    await history.forget("a")
+    await history.close("b", "done")
+    assert history.expire_closed() == []
+    clock = __import__("time").time() + 11
+    monkeypatch.setattr("streaming_app.history.time.time", lambda: clock)
+    assert history.expire_closed() == ["b"]
+    assert set(await history.states(["a", "b", "c"])) == {"c"}
