@@ -42,14 +42,16 @@ def test_wire_form_round_trips(kind: str) -> None:
     assert type(chunk) is CHUNK_CLASSES[kind]
     text = encode_chunk(chunk, stream_id="s", max_bytes=10_000)
     again = json.loads(text)
-    assert again["type"] == kind and again["persona_id"] == "p"
+    assert again["type"] == kind
+    assert again["persona_id"] == "p"
     assert parse_chunk(again) == chunk
     assert {"stream_id", "gmi_instance_id", "persona_id", "is_final", "timestamp"} <= set(again)
 
 
 def test_common_fields_and_defaults() -> None:
     chunk = TextDeltaChunk(stream_id="s", text_delta="x", metadata={"k": 1})
-    assert chunk.timestamp.endswith("Z") and chunk.is_final is False
+    assert chunk.timestamp.endswith("Z")
+    assert chunk.is_final is False
     assert FinalResponseChunk(stream_id="s").is_final is True
     assert ErrorChunk(stream_id="s", code="c", message="m").is_final is True
     assert "metadata" not in TextDeltaChunk(stream_id="s", text_delta="x").to_wire()
@@ -62,7 +64,7 @@ def test_common_fields_and_defaults() -> None:
         ({"type": "poem", "stream_id": "s"}, "unknown chunk type"),
         ({"stream_id": "s", "text_delta": "x"}, "unknown chunk type"),
         ({"type": "text_delta", "stream_id": "s"}, "missing fields: text_delta"),
-        ({"type": "text_delta", "stream_id": "s", "text_delta": "x", "colour": 1}, "unknown fields"),
+        ({"type": "text_delta", "stream_id": "s", "text_delta": "x", "hue": 1}, "unknown fields"),
         ({"type": "text_delta", "stream_id": "s", "text_delta": None}, "must be str"),
         ({"type": "text_delta", "stream_id": 5, "text_delta": "x"}, "must be str"),
         ({"type": "text_delta", "stream_id": "s", "text_delta": "x", "is_final": "no"}, "bool"),

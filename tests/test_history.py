@@ -18,7 +18,8 @@ async def test_sequence_numbers_and_reads() -> None:
     seqs = [(await history.append("s", f'"{i}"', take_failures=False)).seq for i in range(5)]
     assert seqs == [1, 2, 3, 4, 5]
     replay = await history.read_after("s", 2)
-    assert replay.entries == [(3, '"2"'), (4, '"3"'), (5, '"4"')] and replay.head_seq == 5
+    assert replay.entries == [(3, '"2"'), (4, '"3"'), (5, '"4"')]
+    assert replay.head_seq == 5
     assert (await history.read_after("s", 1, up_to=3)).entries == [(2, '"1"'), (3, '"2"')]
     assert (await history.read_after("s", 5)).entries == []
     assert (await history.read_after("unknown", 0)).head_seq == 0
