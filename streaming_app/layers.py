@@ -3,7 +3,7 @@
 A stream is the group ``streaming.<stream_id>``. Events:
 
 - ``stream.chunk``        ``{"seq", "chunk"}`` (chunk = its JSON text, encoded once by the producer)
-- ``stream.closed``       ``{"reason", "last_seq", "code"}``
+- ``stream.closed``       ``{"reason", "last_seq", "code"}``, also to ``streaming.<id>.control``
 - ``stream.deregistered`` ``{"stream_id", "reason", "code"}`` sent to one client's channel
 """
 
@@ -42,8 +42,13 @@ class ChannelLayer(Protocol):
 
 
 def group_name(stream_id: str) -> str:
-    """The Channels group of a stream."""
+    """The Channels group of a stream's clients."""
     return GROUP_PREFIX + stream_id
+
+
+def control_group_name(stream_id: str) -> str:
+    """The group of those who only need to know when a stream closes (its producers)."""
+    return f"{GROUP_PREFIX}{stream_id}.control"
 
 
 class StreamLayer:
@@ -58,9 +63,9 @@ class StreamLayer:
         })  # fmt: skip
 
     async def publish_closed(self, stream_id: str, reason: str, last_seq: int, code: int) -> None:
-        await self._call(stream_id, "group_send", group_name(stream_id), {
-            "type": CLOSED, "reason": reason, "last_seq": last_seq, "code": code,
-        })  # fmt: skip
+        event = {"type": CLOSED, "reason": reason, "last_seq": last_seq, "code": code}
+        await self._call(stream_id, "group_send", group_name(stream_id), event)
+        await self._call(stream_id, "group_send", control_group_name(stream_id), event)
 
     async def tell_deregistered(self, stream_id: str, channel: str, reason: str, code: int) -> None:
         await self._call(stream_id, "send", channel, {
@@ -72,6 +77,12 @@ class StreamLayer:
 
     async def leave(self, stream_id: str, channel: str) -> None:
         await self._call(stream_id, "group_discard", group_name(stream_id), channel)
+
+    async def watch(self, stream_id: str, channel: str) -> None:
+        await self._call(stream_id, "group_add", control_group_name(stream_id), channel)
+
+    async def unwatch(self, stream_id: str, channel: str) -> None:
+        await self._call(stream_id, "group_discard", control_group_name(stream_id), channel)
 
     async def _call(self, stream_id: str, method: str, *args: Any) -> None:
         try:

@@ -33,7 +33,7 @@ from .clients import ChannelBridge, ChannelClient, StreamClient
 from .conf import StreamingManagerConfig, app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError
 from .history import History
-from .layers import StreamLayer
+from .layers import CLOSED, StreamLayer
 from .models import STREAM_ID_PATTERN
 from .protocol import CloseCode
 from .registry import NewClient, NewStream, Registry
@@ -87,6 +87,7 @@ class StreamingManager:
         self._local: dict[str, dict[str, ChannelClient]] = {}
         self._recorded_heads: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._watches: dict[str, asyncio.Task[str]] = {}
 
     # -- the seed's API -------------------------------------------------------------------
 
@@ -379,6 +380,40 @@ class StreamingManager:
         await self._stop_local_work()
         return len(released)
 
+    async def wait_closed(self, stream_id: str) -> str:
+        """Wait until the stream is closed, by anyone in any process; the close reason.
+
+        Lets an agent stop at once when a client cancels, without pushing first.
+        Raises ``StreamError(RESOURCE_NOT_FOUND)``.
+        """
+        self.config  # noqa: B018
+        watch = self._watches.get(stream_id)
+        if watch is None:
+            channel = await self.layer.layer.new_channel("streaming.watch.")
+            await self.layer.watch(stream_id, channel)  # before reading, so no close slips by
+            watch = asyncio.create_task(self._watch(stream_id, channel), name=f"watch-{stream_id}")
+            self._watches[stream_id] = watch
+            watch.add_done_callback(lambda _: self._watches.pop(stream_id, None))
+            try:
+                stream = await self._registry.get_stream(stream_id)
+            except StreamError:
+                watch.cancel()
+                raise
+            if not stream.is_active:
+                watch.cancel()
+                return stream.close_reason
+        return await asyncio.shield(watch)
+
+    async def _watch(self, stream_id: str, channel: str) -> str:
+        try:
+            while True:
+                event = await self.layer.layer.receive(channel)
+                if event.get("type") == CLOSED:
+                    return str(event["reason"])
+        finally:
+            with contextlib.suppress(StreamError):
+                await self.layer.unwatch(stream_id, channel)
+
     async def client_gone(self, stream_id: str, client_id: str) -> None:
         """A transport's own disconnect: forget the client, tolerating that it is gone."""
         await self._release_client(stream_id, client_id, notify=None)
@@ -555,9 +590,15 @@ class StreamingManager:
                 await bridge.stop()
         self._bridges.clear()
         self._local.clear()
+        for watch in list(self._watches.values()):
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
 
     def cancel_background(self) -> None:
         """Cancel background tasks without awaiting them (for sync callers resetting us)."""
+        for watch in self._watches.values():
+            watch.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for bridges in self._bridges.values():

@@ -453,3 +453,16 @@ async def test_sync_facade_serves_sync_code(manager: StreamingManager) -> None:
     stream_id, seq = await sync_to_async(produce)()
     assert seq == 1
     assert (await Stream.objects.aget(pk=stream_id)).close_reason == "done"
+
+
+async def test_wait_closed_tells_the_producer_at_once(manager: StreamingManager) -> None:
+    stream_id = await manager.create_stream()
+    waiters = [asyncio.create_task(manager.wait_closed(stream_id)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert not any(w.done() for w in waiters)
+    await manager.close_stream(stream_id, "cancelled")
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 2) == ["cancelled", "cancelled"]
+    assert await manager.wait_closed(stream_id) == "cancelled"  # already closed: at once
+    with pytest.raises(StreamError) as info:
+        await manager.wait_closed("missing")
+    assert info.value.code is GMIErrorCode.RESOURCE_NOT_FOUND
