@@ -380,6 +380,25 @@ class StreamingManager:
         await self._stop_local_work()
         return len(released)
 
+    async def get_client_lags(self, stream_id: str) -> dict[str, int]:
+        """How many chunks each client is behind the stream's head (as of the last sweep in
+        its process; this process's clients are current). Raises ``RESOURCE_NOT_FOUND``."""
+        self.config  # noqa: B018
+        if not await self._registry.stream_exists(stream_id):
+            raise StreamError(
+                GMIErrorCode.RESOURCE_NOT_FOUND,
+                f"stream {stream_id!r} does not exist",
+                stream_id=stream_id,
+            )
+        delivered = await self._registry.delivered_seqs(stream_id)
+        for client_id, client in self._local.get(stream_id, {}).items():
+            delivered[client_id] = getattr(client, "delivered_seq", 0)
+        for client_id, bridge in self._bridges.get(stream_id, {}).items():
+            delivered[client_id] = bridge.delivery.delivered_seq
+        state = (await self.history.states([stream_id])).get(stream_id)
+        head = state.head_seq if state else 0
+        return {client_id: max(0, head - seq) for client_id, seq in delivered.items()}
+
     async def wait_closed(self, stream_id: str) -> str:
         """Wait until the stream is closed, by anyone in any process; the close reason.
 

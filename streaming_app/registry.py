@@ -244,6 +244,12 @@ class Registry:
         return StreamClient.objects.filter(stream_id=stream_id).count()
 
     @database_sync_to_async
+    def delivered_seqs(self, stream_id: str) -> dict[str, int]:
+        """Each client's delivered seq as of its worker's last heartbeat."""
+        rows = StreamClient.objects.filter(stream_id=stream_id)
+        return dict(rows.values_list("client_id", "delivered_seq"))
+
+    @database_sync_to_async
     def add_send_failure(self, stream_id: str, client_id: str) -> None:
         StreamClient.objects.filter(stream_id=stream_id, client_id=client_id).update(
             send_failures=F("send_failures") + 1

@@ -15,6 +15,7 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.test import override_settings
 
 from streaming_app.manager import StreamingManager, get_streaming_manager
+from streaming_app.models import StreamClient as StreamClientRow
 from streaming_app.protocol import CloseCode
 from streaming_app.routing import websocket_urlpatterns
 
@@ -316,3 +317,24 @@ async def test_failed_socket_send_applies_the_policy(
     assert code == CloseCode.DEREGISTERED
     assert frames == [{"type": "closed", "reason": "send failed", "last_seq": 1}]
     assert await manager.get_client_count_for_stream(stream_id) == 0
+
+
+async def test_lag_is_visible_to_the_manager(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    for i in range(4):
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    peer = await connect(stream_id, query="last_seq=4")
+    client_id = (await peer.frame())["client_id"]
+    assert await manager.get_client_lags(stream_id) == {client_id: 0}
+    # A client of another worker, as that worker's last heartbeat left it.
+    await StreamClientRow.objects.acreate(
+        stream_id=stream_id, client_id="ws-remote", channel_name="x", worker_id="elsewhere",
+        delivered_seq=1,
+    )  # fmt: skip
+    for i in range(3):
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    for _ in range(3):
+        await peer.frame()
+    assert await manager.get_client_lags(stream_id) == {client_id: 0, "ws-remote": 6}
