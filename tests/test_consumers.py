@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from streaming_app.models import StreamClient as StreamClientRow
 from streaming_app.protocol import CloseCode
 from streaming_app.routing import websocket_urlpatterns
 
-from .conftest import delta
+from .conftest import delta, eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -338,3 +339,24 @@ async def test_lag_is_visible_to_the_manager(
     for _ in range(3):
         await peer.frame()
     assert await manager.get_client_lags(stream_id) == {client_id: 0, "ws-remote": 6}
+
+
+async def test_resume_while_chunks_keep_arriving_has_no_gap_and_no_duplicate(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+
+    async def produce() -> None:
+        for i in range(1, 301):
+            await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+            await asyncio.sleep(0.002)
+        await manager.close_stream(stream_id, "done")
+
+    producer = asyncio.create_task(produce())
+    await eventually(lambda: not producer.done() and manager.stats["chunks_pushed"] >= 40)
+    peer = await connect(stream_id, query="last_seq=20")
+    frames, code = await peer.frames_until_close()
+    await producer
+    assert frames[0]["type"] == "subscribed", frames[:2]
+    assert [f["seq"] for f in frames if f["type"] == "chunk"] == list(range(21, 301))
+    assert code == CloseCode.STREAM_CLOSED
