@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .chunks import AgentOSResponse, parse_chunk
 from .history import History
-from .layers import CHUNK, CLOSED, DEREGISTERED, ChannelLayer
+from .layers import CHUNK, CLOSED, DEREGISTERED, SYNC, ChannelLayer
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Delivery:
         if expected <= last:
             items.append(Gap(expected, last))
         if items:
-            logger.debug("stream %s: catch-up of %d items", self.stream_id, len(items))
+            logger.info("stream %s: catch-up of %d items from history", self.stream_id, len(items))
         self.delivered_seq = max(self.delivered_seq, last)
         return items
 
@@ -187,6 +187,12 @@ class ChannelBridge:
             await self._send(await self.delivery.catch_up(event["last_seq"]))
             await self._finish(event["reason"])
             return False
+        if kind == SYNC:
+            await self._send(await self.delivery.catch_up(event["head_seq"]))
+            if event["closed"]:
+                await self._finish(event["reason"])
+                return False
+            return True
         if kind == DEREGISTERED:
             await self._finish(event["reason"], notify=False)
             return False

@@ -192,6 +192,13 @@ class StreamConsumer(AsyncWebsocketConsumer):
         await self.notify_stream_closed(event["reason"])
         await self.close_with(event.get("code", CloseCode.STREAM_CLOSED))
 
+    async def stream_sync(self, event: dict[str, Any]) -> None:
+        """The sweeper saw us behind the head or open on a closed stream: catch up."""
+        if event["closed"]:
+            await self.stream_closed({"last_seq": event["head_seq"], "reason": event["reason"]})
+        elif self.delivery is not None and not self.closing:
+            await self.emit(await self.delivery.catch_up(event["head_seq"]))
+
     async def stream_deregistered(self, event: dict[str, Any]) -> None:
         if self.closing:
             return

@@ -5,6 +5,8 @@ A stream is the group ``streaming.<stream_id>``. Events:
 - ``stream.chunk``        ``{"seq", "chunk"}`` (chunk = its JSON text, encoded once by the producer)
 - ``stream.closed``       ``{"reason", "last_seq", "code"}``, also to ``streaming.<id>.control``
 - ``stream.deregistered`` ``{"stream_id", "reason", "code"}`` sent to one client's channel
+- ``stream.sync``         ``{"head_seq", "closed", "reason"}`` sent by the sweeper to a client
+  that fell behind (its channel dropped messages): catch up to ``head_seq``, close if closed
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ GROUP_PREFIX = "streaming."
 CHUNK = "stream.chunk"
 CLOSED = "stream.closed"
 DEREGISTERED = "stream.deregistered"
+SYNC = "stream.sync"
 
 
 class ChannelLayer(Protocol):
@@ -70,6 +73,13 @@ class StreamLayer:
     async def tell_deregistered(self, stream_id: str, channel: str, reason: str, code: int) -> None:
         await self._call(stream_id, "send", channel, {
             "type": DEREGISTERED, "stream_id": stream_id, "reason": reason, "code": code,
+        })  # fmt: skip
+
+    async def nudge(
+        self, stream_id: str, channel: str, head_seq: int, closed: bool, reason: str
+    ) -> None:
+        await self._call(stream_id, "send", channel, {
+            "type": SYNC, "head_seq": head_seq, "closed": closed, "reason": reason,
         })  # fmt: skip
 
     async def join(self, stream_id: str, channel: str) -> None:

@@ -88,6 +88,7 @@ class StreamingManager:
         self._recorded_heads: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._watches: dict[str, asyncio.Task[str]] = {}
+        self._positions: dict[tuple[str, str], int] = {}
 
     # -- the seed's API -------------------------------------------------------------------
 
@@ -307,7 +308,6 @@ class StreamingManager:
         head = await self.history.close(stream_id, reason)
         if head is None:
             logger.warning("stream %s had no history in this process at close", stream_id)
-        self._local.pop(stream_id, None)
         self.stats["streams_closed"] += 1
         logger.info(
             "stream %s closed (%s); %d client(s) notified", stream_id, reason, len(released)
@@ -485,6 +485,7 @@ class StreamingManager:
                     stream.id, f"Closed after {timeout_ms / 1000:g} s of inactivity"
                 )
                 report.closed_idle.append(stream.id)
+        await self._nudge_stragglers()
         expire = getattr(self.history, "expire_closed", None)
         if expire is not None:
             expire()
@@ -549,7 +550,11 @@ class StreamingManager:
         self, stream_id: str, client_id: str, *, notify: str | None, close: bool = False
     ) -> bool:
         ref = await self._registry.remove_client(stream_id, client_id)
-        self._local.get(stream_id, {}).pop(client_id, None)
+        local = self._local.get(stream_id)
+        if local is not None:
+            local.pop(client_id, None)
+            if not local:
+                del self._local[stream_id]
         bridge = self._bridges.get(stream_id, {}).get(client_id)
         if ref is None:
             return False
@@ -570,6 +575,38 @@ class StreamingManager:
             )
         logger.info("client %s left stream %s", client_id, stream_id)
         return True
+
+    async def _nudge_stragglers(self) -> None:
+        """Tell this process's clients that are behind (and made no progress since the last
+        sweep) or still open on a closed stream to catch up: their channel may have dropped
+        the events (channel layer capacity, a Redis reconnect)."""
+        clients: dict[tuple[str, str], tuple[str, int]] = {}
+        for stream_id, local in self._local.items():
+            for client_id, client in local.items():
+                position = getattr(client, "delivered_seq", 0)
+                clients[stream_id, client_id] = (client.channel_name, position)
+        for stream_id, bridges in self._bridges.items():
+            for client_id, bridge in bridges.items():
+                clients[stream_id, client_id] = (bridge.channel_name, bridge.delivery.delivered_seq)
+        states = await self.history.states({stream_id for stream_id, _ in clients})
+        positions: dict[tuple[str, str], int] = {}
+        for key, (channel, position) in clients.items():
+            state = states.get(key[0])
+            positions[key] = position
+            if state is None:
+                continue
+            stalled = position < state.head_seq and self._positions.get(key) == position
+            if state.closed or stalled:
+                logger.warning(
+                    "client %s of stream %s is at seq %d of %d%s: nudging it",
+                    key[1], key[0], position, state.head_seq, " (closed)" if state.closed else "",
+                )  # fmt: skip
+                self.stats["clients_nudged"] += 1
+                with contextlib.suppress(StreamError):
+                    await self.layer.nudge(
+                        key[0], channel, state.head_seq, state.closed, state.close_reason
+                    )
+        self._positions = positions
 
     def _drop_bridge(self, stream_id: str, bridge: ChannelBridge) -> None:
         bridges = self._bridges.get(stream_id)

@@ -89,6 +89,20 @@ def connect(peers: list[WebsocketCommunicator], session_key: str) -> Any:
     return connect
 
 
+@pytest.fixture
+def slow_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the consumer slower than the producer, so its channel really overflows."""
+    from streaming_app.consumers import StreamConsumer
+
+    original = StreamConsumer.send
+
+    async def slow_send(self: StreamConsumer, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.005)
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamConsumer, "send", slow_send)
+
+
 def texts(frames: list[dict[str, Any]]) -> list[str]:
     return [f["chunk"]["text_delta"] for f in frames if f["type"] == "chunk"]
 
@@ -155,17 +169,23 @@ async def test_gap_frame_when_history_no_longer_holds_the_missed_range(
     CHANNEL_LAYERS={"default": {"BACKEND": "channels.layers.InMemoryChannelLayer",
                                 "CONFIG": {"capacity": 5}}}
 )  # fmt: skip
-async def test_overflowing_channel_is_repaired_from_history(connect: Any, session_key: str) -> None:
+async def test_overflowing_channel_is_repaired_from_history(
+    connect: Any, session_key: str, slow_consumer: None, caplog: pytest.LogCaptureFixture
+) -> None:
     manager = get_streaming_manager()  # after the override
     stream_id = await manager.create_stream(session_key=session_key)
     peer = await connect(stream_id)
     await peer.frame()
-    for i in range(1, 61):  # no await yields to the consumer: its channel overflows
+    for i in range(1, 61):  # faster than the consumer: its channel overflows
         await manager.push_chunk(stream_id, delta(stream_id, str(i)))
-    await manager.close_stream(stream_id, "done")
-    frames, code = await peer.frames_until_close()
-    assert texts(frames) == [str(i) for i in range(1, 61)]
-    assert code == CloseCode.STREAM_CLOSED
+    frames = []
+    while not await peer.silent():
+        frames.append(await peer.frame())
+    assert len(frames) < 60  # the rest was dropped by the channel layer
+    await manager.push_chunk(stream_id, delta(stream_id, "61"))  # shows the hole
+    frames += [await peer.frame() for _ in range(61 - len(frames))]
+    assert texts(frames) == [str(i) for i in range(1, 62)]
+    assert any("catch-up" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(
@@ -359,4 +379,43 @@ async def test_resume_while_chunks_keep_arriving_has_no_gap_and_no_duplicate(
     await producer
     assert frames[0]["type"] == "subscribed", frames[:2]
     assert [f["seq"] for f in frames if f["type"] == "chunk"] == list(range(21, 301))
+    assert code == CloseCode.STREAM_CLOSED
+
+
+@override_settings(
+    CHANNEL_LAYERS={"default": {"BACKEND": "channels.layers.InMemoryChannelLayer",
+                                "CONFIG": {"capacity": 5}}}
+)  # fmt: skip
+async def test_sweeper_repairs_a_client_whose_channel_dropped_the_tail_and_the_close(
+    connect: Any, session_key: str, slow_consumer: None
+) -> None:
+    manager = get_streaming_manager()  # after the override
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    for i in range(1, 21):  # the channel holds 5: the tail is dropped
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    received = []
+    while not await peer.silent():
+        received.append(await peer.frame())
+    got = len(received)
+    assert texts(received) == [str(i) for i in range(1, got + 1)]
+    assert got < 20
+    await manager.sweep()  # remembers where the client is
+    assert await peer.silent()
+    await manager.sweep()  # no progress since: nudged
+    rest = [await peer.frame() for _ in range(20 - got)]
+    assert texts(rest) == [str(i) for i in range(got + 1, 21)]
+    for i in range(21, 41):
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    await manager.close_stream(stream_id, "done")  # dropped too: the channel is full again
+    frames = []
+    while not await peer.silent():
+        frames.append(await peer.frame())
+    assert all(f["type"] == "chunk" for f in frames)  # the closed event was dropped
+    await manager.sweep()  # a client still open on a closed stream is nudged at once
+    more, code = await peer.frames_until_close()
+    frames += more
+    assert texts(frames) == [str(i) for i in range(21, 41)]
+    assert frames[-1] == {"type": "closed", "reason": "done", "last_seq": 40}
     assert code == CloseCode.STREAM_CLOSED
