@@ -20,6 +20,7 @@ from .chunks import AgentOSResponse, encode_chunk
 from .clients import Chunk, Delivery, Gap
 from .conf import app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError
+from .layers import CHUNK
 from .manager import get_streaming_manager
 from .protocol import ClientFrame, CloseCode, ServerFrame, chunk_frame, frame
 
@@ -111,12 +112,42 @@ class StreamConsumer(AsyncWebsocketConsumer):
             await self.refuse(exc)
             return
         self.registered = True
-        items = await self.delivery.catch_up()
+        try:
+            items = await self.delivery.catch_up()
+        except Exception as exc:
+            await self.backend_failed(exc)
+            return
         await self.send(text_data=frame(
             ServerFrame.SUBSCRIBED, stream_id=self.stream_id, client_id=self.client_id,
             seq=self.delivery.delivered_seq,
         ))  # fmt: skip
         await self.emit(items)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Serve stream events; a failing backend closes with 4503 (reconnect with last_seq)
+        instead of crashing the consumer. Chunks skip Channels' per-message database
+        clean-up: they touch no database."""
+        kind = message["type"]
+        if not kind.startswith("stream."):
+            await super().dispatch(message)
+            return
+        try:
+            if kind == CHUNK:
+                await self.stream_chunk(message)
+            else:
+                await super().dispatch(message)
+        except Exception as exc:
+            await self.backend_failed(exc)
+
+    async def backend_failed(self, exc: Exception) -> None:
+        logger.error(
+            "client %s of stream %s: streaming backend failed: %s: %s",
+            self.client_id, self.stream_id, type(exc).__name__, exc,
+        )  # fmt: skip
+        if self.closing:
+            return
+        await self.send_error(str(GMIErrorCode.BACKEND_UNAVAILABLE), "streaming backend failed")
+        await self.close_with(CloseCode.UNAVAILABLE)
 
     async def disconnect(self, code: int) -> None:
         self.closing = True

@@ -15,6 +15,7 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.contrib.sessions.backends.db import SessionStore
 from django.test import override_settings
 
+from streaming_app.chunks import encode_chunk
 from streaming_app.manager import StreamingManager, get_streaming_manager
 from streaming_app.models import StreamClient as StreamClientRow
 from streaming_app.protocol import CloseCode
@@ -419,3 +420,27 @@ async def test_sweeper_repairs_a_client_whose_channel_dropped_the_tail_and_the_c
     assert texts(frames) == [str(i) for i in range(21, 41)]
     assert frames[-1] == {"type": "closed", "reason": "done", "last_seq": 40}
     assert code == CloseCode.STREAM_CLOSED
+
+
+async def test_a_failing_history_closes_with_4503_instead_of_crashing(
+    manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    assert texts([await peer.frame()]) == ["1"]
+
+    async def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Redis went away")  # the outage a test cannot stage in memory
+
+    monkeypatch.setattr(manager.history, "read_after", unreachable)
+    await manager.push_chunk(stream_id, delta(stream_id, "2"))
+    await manager.push_chunk(stream_id, delta(stream_id, "3"))
+    # seq 4's event never arrives (as with a full channel): filling the hole needs history
+    await manager.layer.publish_chunk(stream_id, 5, encode_chunk(delta(stream_id, "5"),
+                                      stream_id=stream_id, max_bytes=1000))  # fmt: skip
+    frames, code = await peer.frames_until_close()
+    assert code == CloseCode.UNAVAILABLE
+    assert frames[-1]["code"] == "BACKEND_UNAVAILABLE"
+    assert await manager.get_client_count_for_stream(stream_id) == 0
