@@ -116,7 +116,11 @@ async def local_agent(
 ) -> AsyncIterator[AgentOSResponse]:
     """A deterministic agent: progress, a tool call and its result, the answer token by
     token, a UI command, a metadata update and the final response. No network."""
-    ids = {"stream_id": stream_id, "gmi_instance_id": "local-gmi", "persona_id": "local-echo"}
+    ids: dict[str, Any] = {
+        "stream_id": stream_id,
+        "gmi_instance_id": "local-gmi",
+        "persona_id": "local-echo",
+    }
     words = re.findall(r"\S+", message) or ["(nothing)"]
     yield SystemProgressChunk(message="Reading your message", progress_percentage=10.0, **ids)
     await asyncio.sleep(delay)

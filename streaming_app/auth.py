@@ -22,7 +22,9 @@ def default_can_subscribe(user: Any, session_key: str | None, stream: Stream) ->
 
 
 @database_sync_to_async
-def _check(rule: str, user: Any, session_key: str | None, stream_id: str) -> Stream:
+def _check(
+    rule: str, user: Any, session_key: str | None, stream_id: str, *, allow_closed: bool
+) -> Stream:
     try:
         stream = Stream.objects.get(pk=stream_id)
     except Stream.DoesNotExist:
@@ -30,7 +32,7 @@ def _check(rule: str, user: Any, session_key: str | None, stream_id: str) -> Str
             GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist",
             stream_id=stream_id,
         ) from None  # fmt: skip
-    if not stream.is_active:
+    if not stream.is_active and not allow_closed:
         raise StreamError(
             GMIErrorCode.STREAM_CLOSED,
             f"stream {stream_id!r} is closed ({stream.close_reason})",
@@ -52,11 +54,15 @@ def scope_identity(scope: dict[str, Any]) -> tuple[Any, str | None]:
 
 
 async def authorize_subscribe(scope: dict[str, Any], stream_id: str) -> Stream:
-    """The active stream the scope's user may see; raises ``StreamError`` (NOT_FOUND,
-    STREAM_CLOSED, PERMISSION_DENIED)."""
-    return await _check(app_settings.CAN_SUBSCRIBE, *scope_identity(scope), stream_id)
+    """The stream (active or closed) the scope's user may see; raises ``StreamError``
+    (NOT_FOUND, PERMISSION_DENIED)."""
+    return await _check(
+        app_settings.CAN_SUBSCRIBE, *scope_identity(scope), stream_id, allow_closed=True
+    )
 
 
 async def authorize_cancel(scope: dict[str, Any], stream_id: str) -> Stream:
     """Like :func:`authorize_subscribe`, with the ``CAN_CANCEL`` rule."""
-    return await _check(app_settings.CAN_CANCEL, *scope_identity(scope), stream_id)
+    return await _check(
+        app_settings.CAN_CANCEL, *scope_identity(scope), stream_id, allow_closed=False
+    )

@@ -105,11 +105,17 @@ class StreamConsumer(AsyncWebsocketConsumer):
         try:
             last_seq = parse_last_seq(self.scope.get("query_string", b""), self.stream_id)
             manager = get_streaming_manager()
-            await authorize_subscribe(self.scope, self.stream_id)
+            stream = await authorize_subscribe(self.scope, self.stream_id)
             self.delivery = Delivery(manager.history, self.stream_id, last_seq)
+            if not stream.is_active:
+                await self.replay_closed(stream.close_reason)
+                return
             await manager.register_client(self.stream_id, self)
         except GMIError as exc:
-            await self.refuse(exc)
+            if exc.code is GMIErrorCode.STREAM_CLOSED and self.delivery is not None:
+                await self.replay_closed(exc.details.get("reason", ""))
+            else:
+                await self.refuse(exc)
             return
         self.registered = True
         try:
@@ -163,6 +169,18 @@ class StreamConsumer(AsyncWebsocketConsumer):
         except GMIError:
             logger.exception("client %s of stream %s: deregistration failed",
                              self.client_id, self.stream_id)  # fmt: skip
+
+    async def replay_closed(self, reason: str) -> None:
+        """A closed stream: what the client missed (while history holds it), then ``closed``
+        and close code 4410."""
+        assert self.delivery is not None
+        try:
+            await self.emit(await self.delivery.catch_up())
+        except Exception as exc:
+            await self.backend_failed(exc)
+            return
+        await self.notify_stream_closed(reason)
+        await self.close_with(CloseCode.STREAM_GONE)
 
     async def refuse(self, exc: GMIError) -> None:
         """Tell the peer why it cannot follow the stream, then close with the matching code."""
@@ -220,8 +238,12 @@ class StreamConsumer(AsyncWebsocketConsumer):
         if self.delivery is None or self.closing:
             return
         await self.emit(await self.delivery.catch_up(event["last_seq"]))
-        await self.notify_stream_closed(event["reason"])
-        await self.close_with(event.get("code", CloseCode.STREAM_CLOSED))
+        code = event.get("code", CloseCode.STREAM_CLOSED)
+        if code == CloseCode.SERVICE_RESTART:
+            await self.send_reconnect(event["reason"])
+        else:
+            await self.notify_stream_closed(event["reason"])
+        await self.close_with(code)
 
     async def stream_sync(self, event: dict[str, Any]) -> None:
         """The sweeper saw us behind the head or open on a closed stream: catch up."""
@@ -236,11 +258,16 @@ class StreamConsumer(AsyncWebsocketConsumer):
         self.registered = False  # the manager has already removed us
         code = event.get("code", CloseCode.DEREGISTERED)
         if code == CloseCode.SERVICE_RESTART:
-            await self.send(text_data=frame(ServerFrame.RECONNECT, reason=event["reason"],
-                                            last_seq=self.delivered_seq))  # fmt: skip
+            await self.send_reconnect(event["reason"])
         else:
             await self.notify_stream_closed(event["reason"])
         await self.close_with(code)
+
+    async def send_reconnect(self, reason: str) -> None:
+        """Tell the client to come back later from where it is."""
+        await self.send(
+            text_data=frame(ServerFrame.RECONNECT, reason=reason, last_seq=self.delivered_seq)
+        )
 
     async def emit(self, items: list[Chunk | Gap]) -> None:
         """Send chunk and gap frames; a failed send goes to the manager's send-error policy."""

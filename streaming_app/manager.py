@@ -294,10 +294,18 @@ class StreamingManager:
         """
         return await self._push(stream_id, chunk, raise_failures=True)
 
-    async def close_stream(self, stream_id: str, reason: str | None = None) -> None:
+    async def close_stream(
+        self,
+        stream_id: str,
+        reason: str | None = None,
+        *,
+        code: CloseCode = CloseCode.STREAM_CLOSED,
+    ) -> None:
         """Close a stream: every client, in every process, gets ``reason`` once and is closed.
 
-        Closing a closed stream does nothing. Raises ``StreamError(RESOURCE_NOT_FOUND)``.
+        ``code`` is the sockets' close code: ``SERVICE_RESTART`` tells clients to come back
+        later with their resume cursor. Closing a closed stream does nothing.
+        Raises ``StreamError(RESOURCE_NOT_FOUND)``.
         """
         self.config  # noqa: B018
         reason = reason or DEFAULT_CLOSE_REASON
@@ -312,7 +320,7 @@ class StreamingManager:
         logger.info(
             "stream %s closed (%s); %d client(s) notified", stream_id, reason, len(released)
         )
-        await self.layer.publish_closed(stream_id, reason, head or 0, CloseCode.STREAM_CLOSED)
+        await self.layer.publish_closed(stream_id, reason, head or 0, code)
         if head is not None:
             await self._record_activity([stream_id])
         self._recorded_heads.pop(stream_id, None)
@@ -353,12 +361,12 @@ class StreamingManager:
         return await self._registry.client_count(stream_id)
 
     async def shutdown(self, reason: str = SHUTDOWN_REASON) -> None:
-        """Close every active stream, stop background work; the manager must be initialized
-        again before further use."""
+        """Close every active stream (clients are told to come back for the rest with close
+        code 1012), stop background work; initialize again before further use."""
         self.config  # noqa: B018
         for stream_id in await self._registry.active_stream_ids():
             try:
-                await self.close_stream(stream_id, reason)
+                await self.close_stream(stream_id, reason, code=CloseCode.SERVICE_RESTART)
             except StreamError:
                 logger.exception("shutdown could not close stream %s", stream_id)
         await self._stop_local_work()
@@ -451,40 +459,48 @@ class StreamingManager:
             return
         self._sweeper = loop.create_task(self._sweep_forever(), name="streaming-sweeper")
 
-    async def sweep(self) -> SweepReport:
+    async def sweep(self, *, dry_run: bool = False) -> SweepReport:
         """One pass of background work: heartbeat this worker's clients, remove dead workers'
-        clients, record activity and close streams idle past their timeout."""
+        clients, record activity and close streams idle past their timeout.
+
+        With ``dry_run`` nothing changes; the report says what would have been done."""
         config = self.config
         report = SweepReport()
-        delivered = {
-            (stream_id, client_id): getattr(client, "delivered_seq", 0)
-            for stream_id, clients in self._local.items()
-            for client_id, client in clients.items()
-        }
-        await self._registry.heartbeat(self.worker_id, delivered)
+        if not dry_run:
+            delivered = {
+                (stream_id, client_id): getattr(client, "delivered_seq", 0)
+                for stream_id, clients in self._local.items()
+                for client_id, client in clients.items()
+            }
+            await self._registry.heartbeat(self.worker_id, delivered)
         for ref in await self._registry.reap_dead_clients(
-            timedelta(seconds=app_settings.CLIENT_TIMEOUT_SECONDS)
+            timedelta(seconds=app_settings.CLIENT_TIMEOUT_SECONDS), dry_run=dry_run
         ):
             logger.warning(
                 "reaped client %s of stream %s: worker %s stopped sending heartbeats",
                 ref.client_id, ref.stream_id, ref.worker_id,
             )  # fmt: skip
             report.reaped_clients.append((ref.stream_id, ref.client_id))
-            with contextlib.suppress(StreamError):
-                await self.layer.leave(ref.stream_id, ref.channel_name)
+            if not dry_run:
+                with contextlib.suppress(StreamError):
+                    await self.layer.leave(ref.stream_id, ref.channel_name)
         active = await self._registry.active_streams()
         states = await self.history.states(s.id for s in active)
-        await self._record_activity([s.id for s in active], states)
+        if not dry_run:
+            await self._record_activity([s.id for s in active], states)
         now = time.time()
         for stream in active:
             timeout_ms = stream.inactivity_timeout_ms or config.default_stream_inactivity_timeout_ms
             state = states.get(stream.id)
             last = state.last_activity if state else stream.last_activity_at.timestamp()
             if (now - last) * 1000 > timeout_ms:
-                await self.close_stream(
-                    stream.id, f"Closed after {timeout_ms / 1000:g} s of inactivity"
-                )
                 report.closed_idle.append(stream.id)
+                if not dry_run:
+                    await self.close_stream(
+                        stream.id, f"Closed after {timeout_ms / 1000:g} s of inactivity"
+                    )
+        if dry_run:
+            return report
         await self._nudge_stragglers()
         expire = getattr(self.history, "expire_closed", None)
         if expire is not None:

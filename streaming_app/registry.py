@@ -267,13 +267,15 @@ class Registry:
                 )
 
     @database_sync_to_async
-    def reap_dead_clients(self, older_than: timedelta) -> list[ClientRef]:
-        """Delete clients whose worker stopped sending heartbeats; what was removed."""
+    def reap_dead_clients(self, older_than: timedelta, *, dry_run: bool = False) -> list[ClientRef]:
+        """Delete clients whose worker stopped sending heartbeats; what was (or would be)
+        removed."""
         cutoff = timezone.now() - older_than
         with transaction.atomic():
             rows = StreamClient.objects.filter(last_seen_at__lt=cutoff)
             refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
-            rows.delete()
+            if not dry_run:
+                rows.delete()
         return refs
 
     @database_sync_to_async

@@ -193,7 +193,6 @@ async def test_overflowing_channel_is_repaired_from_history(
     ("case", "code", "error"),
     [
         ("unknown", CloseCode.NOT_FOUND, "RESOURCE_NOT_FOUND"),
-        ("closed", CloseCode.STREAM_GONE, "STREAM_CLOSED"),
         ("forbidden", CloseCode.FORBIDDEN, "PERMISSION_DENIED"),
         ("full", CloseCode.STREAM_FULL, "RATE_LIMIT_EXCEEDED"),
         ("bad_last_seq", CloseCode.BAD_REQUEST, "INVALID_ARGUMENT"),
@@ -444,3 +443,29 @@ async def test_a_failing_history_closes_with_4503_instead_of_crashing(
     assert code == CloseCode.UNAVAILABLE
     assert frames[-1]["code"] == "BACKEND_UNAVAILABLE"
     assert await manager.get_client_count_for_stream(stream_id) == 0
+
+
+async def test_a_closed_stream_replays_what_the_client_missed_then_says_closed(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    for i in range(1, 5):
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    await manager.close_stream(stream_id, "over")
+    frames, code = await (await connect(stream_id, query="last_seq=2")).frames_until_close()
+    assert code == CloseCode.STREAM_GONE
+    assert texts(frames) == ["3", "4"]
+    assert frames[-1] == {"type": "closed", "reason": "over", "last_seq": 4}
+
+
+async def test_shutdown_tells_clients_to_come_back_for_the_rest(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    await manager.shutdown()
+    frames, code = await peer.frames_until_close()
+    assert code == CloseCode.SERVICE_RESTART
+    assert frames[-1] == {"type": "reconnect", "reason": "Server shutting down", "last_seq": 1}
