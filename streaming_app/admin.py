@@ -1,11 +1,29 @@
-"""Operator pages over the registry. Actions go through the manager, never behind its back."""
+"""Operator pages over the registry. Closing goes through the manager, never behind its back,
+so every connected client (in every process) sees the reason."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
-from django.contrib import admin
+from asgiref.sync import async_to_sync
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.timesince import timesince
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
+from .exceptions import GMIError
+from .manager import get_streaming_manager
 from .models import Stream, StreamClient
 
 if TYPE_CHECKING:
@@ -15,26 +33,215 @@ else:
     _ClientInline = admin.TabularInline
     _StreamAdmin = admin.ModelAdmin
 
+CLOSE_PERMISSION = "streaming_app.close_stream"
+RECENT_CHUNKS = 20
+
+
+class CloseForm(forms.Form):
+    reason = forms.CharField(
+        label=_("Reason"),
+        max_length=500,
+        initial=_("Closed by an operator"),
+        help_text=_("Every connected client sees this."),
+    )
+
+
+class AgeFilter(admin.SimpleListFilter):
+    title = _("age")
+    parameter_name = "age"
+    BUCKETS = {
+        "1h": (_("Less than an hour"), timedelta(hours=1)),
+        "1d": (_("Less than a day"), timedelta(days=1)),
+        "old": (_("A day or more"), None),
+    }
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [(key, label) for key, (label, _span) in self.BUCKETS.items()]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Stream]) -> QuerySet[Stream]:
+        now = timezone.now()
+        if self.value() == "old":
+            return queryset.filter(created_at__lte=now - timedelta(days=1))
+        if self.value() in self.BUCKETS:
+            span = self.BUCKETS[str(self.value())][1]
+            assert span is not None
+            return queryset.filter(created_at__gt=now - span)
+        return queryset
+
 
 class StreamClientInline(_ClientInline):
     model = StreamClient
     extra = 0
     can_delete = False
     fields = ("client_id", "transport", "user", "connected_at", "last_seen_at",
-              "delivered_seq", "send_failures", "worker_id")  # fmt: skip
+              "send_failures", "lag", "worker_id")  # fmt: skip
     readonly_fields = fields
+    verbose_name_plural = _("connected clients")
 
-    def has_add_permission(self, request: object, obj: object = None) -> bool:
+    @admin.display(description=_("lag (chunks)"))
+    def lag(self, client: StreamClient) -> int:
+        return max(0, client.stream.chunk_count - client.delivered_seq)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
 
 @admin.register(Stream)
 class StreamAdmin(_StreamAdmin):
-    list_display = ("id", "status", "owner", "created_at", "last_activity_at", "chunk_count")
-    list_filter = ("status", "created_at")
-    search_fields = ("id", "owner__username", "session_key", "metadata")
-    readonly_fields = [f.name for f in Stream._meta.get_fields() if f.concrete]
+    list_display = ("id", "status", "owner", "created_at", "last_activity_at", "age",
+                    "clients_connected", "chunks_pushed", "close_reason")  # fmt: skip
+    list_filter = ("status", AgeFilter)
+    search_fields = ("id", "owner__username", "metadata")
+    readonly_fields = ("id", "status", "owner", "session_key", "gmi_instance_id", "persona_id",
+                       "metadata", "inactivity_timeout_ms", "created_at", "last_activity_at",
+                       "closed_at", "close_reason", "chunk_count", "recent_chunks")  # fmt: skip
     inlines = [StreamClientInline]
+    actions = ["close_streams"]
 
-    def has_add_permission(self, request: object) -> bool:
+    class Media:
+        js = ["streaming_app/admin-live.js"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Stream]:
+        return super().get_queryset(request).annotate(clients_count=Count("clients"))
+
+    @admin.display(description=_("age"))
+    def age(self, stream: Stream) -> str:
+        return timesince(stream.created_at)
+
+    @admin.display(description=_("clients connected"), ordering="clients_count")
+    def clients_connected(self, stream: Stream) -> str:
+        count = getattr(stream, "clients_count", 0)
+        return format_html(
+            '<span data-stream="{}" data-field="clients">{}</span>', stream.pk, count
+        )
+
+    @admin.display(description=_("chunks pushed"), ordering="chunk_count")
+    def chunks_pushed(self, stream: Stream) -> str:
+        return format_html(
+            '<span data-stream="{}" data-field="chunks">{}</span>', stream.pk, stream.chunk_count
+        )
+
+    @admin.display(description=_("last chunks (from history)"))
+    def recent_chunks(self, stream: Stream) -> str:
+        manager = get_streaming_manager()
+        after = max(0, stream.chunk_count - RECENT_CHUNKS)
+        replay = async_to_sync(manager.history.read_after)(stream.pk, after)
+        if not replay.entries:
+            return str(_("History holds no chunks of this stream in this process."))
+        items = format_html_join(
+            "", '<li value="{}"><code>{}</code></li>', ((s, t[:300]) for s, t in replay.entries)
+        )
+        return format_html("<ol>{}</ol>", items)
+
+    # -- permissions ----------------------------------------------------------------
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_close_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(CLOSE_PERMISSION)
+
+    # -- closing --------------------------------------------------------------------
+
+    @admin.action(description=_("Close selected streams"), permissions=["close"])
+    def close_streams(
+        self, request: HttpRequest, queryset: QuerySet[Stream]
+    ) -> HttpResponse | None:
+        form = CloseForm(request.POST if "reason" in request.POST else None)
+        if not form.is_valid():
+            context = {
+                **self.admin_site.each_context(request),
+                "opts": self.model._meta,
+                "title": _("Close streams"),
+                "form": form,
+                "streams": queryset,
+                "action": "close_streams",
+                "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            }
+            return TemplateResponse(
+                request, "admin/streaming_app/stream/close_confirmation.html", context
+            )
+        self._close(request, list(queryset.filter(status=Stream.Status.ACTIVE)),
+                    form.cleaned_data["reason"])  # fmt: skip
+        return None
+
+    def close_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """The change page's "Close stream" button: ask for a reason, then close."""
+        if not self.has_close_permission(request):
+            raise PermissionDenied
+        stream = get_object_or_404(Stream, pk=object_id)
+        change_url = reverse("admin:streaming_app_stream_change", args=[stream.pk])
+        form = CloseForm(request.POST if request.method == "POST" else None)
+        if form.is_valid():
+            self._close(request, [stream], form.cleaned_data["reason"])
+            return HttpResponseRedirect(change_url)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": _("Close stream"),
+            "form": form,
+            "streams": [stream],
+            "cancel_url": change_url,
+        }
+        return TemplateResponse(
+            request, "admin/streaming_app/stream/close_confirmation.html", context
+        )
+
+    def _close(self, request: HttpRequest, streams: list[Stream], reason: str) -> None:
+        manager = get_streaming_manager()
+        closed = 0
+        for stream in streams:
+            try:
+                async_to_sync(manager.close_stream)(stream.pk, reason)
+            except GMIError as exc:
+                self.message_user(request, f"{stream.pk}: {exc.message}", messages.ERROR)
+                continue
+            closed += 1
+        self.message_user(
+            request,
+            ngettext("Closed %d stream.", "Closed %d streams.", closed) % closed,
+            messages.SUCCESS,
+        )
+
+    # -- live counts ----------------------------------------------------------------
+
+    def live_view(self, request: HttpRequest) -> JsonResponse:
+        """Active-stream counts for the changelist to refresh itself."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        ids = request.GET.getlist("id")
+        rows = Stream.objects.filter(pk__in=ids).annotate(clients_count=Count("clients"))
+        return JsonResponse({
+            "active": Stream.objects.filter(status=Stream.Status.ACTIVE).count(),
+            "streams": {s.pk: {"clients": s.clients_count, "chunks": s.chunk_count,
+                               "status": s.status} for s in rows},
+        })  # fmt: skip
+
+    def get_urls(self) -> list[URLPattern]:
+        extra = [
+            path("live/", self.admin_site.admin_view(self.live_view),
+                 name="streaming_app_stream_live"),
+            path("<path:object_id>/close/", self.admin_site.admin_view(self.close_view),
+                 name="streaming_app_stream_close"),
+        ]  # fmt: skip
+        return extra + super().get_urls()
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        active = Stream.objects.filter(status=Stream.Status.ACTIVE).count()
+        extra = {"active_count": active, "live_url": reverse("admin:streaming_app_stream_live")}
+        return super().changelist_view(request, {**(extra_context or {}), **extra})
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra = {"can_close": self.has_close_permission(request)}
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), **extra})

@@ -1,0 +1,133 @@
+"""The admin: the Streams changelist, the change page, closing with a reason and permissions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+
+from streaming_app.manager import get_streaming_manager
+from streaming_app.models import Stream
+
+from .conftest import RecordingClient, delta, eventually
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHANGELIST = "/admin/streaming_app/stream/"
+
+
+def staff(username: str, *perms: str) -> Client:
+    user = User.objects.create_user(username, password="pw", is_staff=True)
+    for codename in ("view_stream", *perms):
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def superuser() -> Client:
+    client = Client()
+    client.force_login(User.objects.create_superuser("root", password="pw"))
+    return client
+
+
+async def test_changelist_shows_streams_with_live_counts() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("weather-1", metadata={"topic": "rain"})
+    await manager.register_client(stream_id, RecordingClient("tab-1"))
+    await manager.push_chunk(stream_id, delta(stream_id, "x"))
+    await manager.sweep()  # records activity and chunk counts on the rows
+    closed = await manager.create_stream("old-1")
+    await manager.close_stream(closed, "finished")
+    client = await sync_to_async(superuser)()
+    page = (await sync_to_async(client.get)(CHANGELIST)).content.decode()
+    for text in ("weather-1", "old-1", "finished", "clients connected", "chunks pushed", "age"):
+        assert text in page.lower()
+    assert '<strong data-field="active">1</strong> active stream' in page
+    assert 'data-stream="weather-1" data-field="clients">1<' in page
+    assert 'data-stream="weather-1" data-field="chunks">1<' in page
+    search = (await sync_to_async(client.get)(CHANGELIST, {"q": "rain"})).content.decode()
+    assert "weather-1" in search and "old-1" not in search
+    closed_only = await sync_to_async(client.get)(CHANGELIST, {"status__exact": "closed"})
+    assert "weather-1" not in closed_only.content.decode()
+    live = await sync_to_async(client.get)(CHANGELIST + "live/", {"id": ["weather-1"]})
+    assert live.json() == {
+        "active": 1, "streams": {"weather-1": {"clients": 1, "chunks": 1, "status": "active"}},
+    }  # fmt: skip
+
+
+async def test_change_page_shows_clients_and_last_chunks() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("s-1")
+    await manager.register_client(stream_id, RecordingClient("tab-1"))
+    for text in ("alpha", "beta"):
+        await manager.push_chunk(stream_id, delta(stream_id, text))
+    client = await sync_to_async(superuser)()
+    page = (await sync_to_async(client.get)(f"{CHANGELIST}s-1/change/")).content.decode()
+    assert "tab-1" in page and "python" in page.lower()
+    assert "alpha" in page and "beta" in page
+    assert 'id="close-stream-button"' in page
+
+
+async def test_close_action_asks_for_a_reason_and_clients_see_it() -> None:
+    manager = get_streaming_manager()
+    ids = [await manager.create_stream(f"s-{i}") for i in range(2)]
+    watcher = RecordingClient("watcher")
+    await manager.register_client(ids[0], watcher)
+    client = await sync_to_async(superuser)()
+    post = sync_to_async(client.post)
+    form = {"action": "close_streams", "_selected_action": ids}
+    confirm = await post(CHANGELIST, form)
+    assert confirm.status_code == 200
+    assert 'name="reason"' in confirm.content.decode()
+    assert await Stream.objects.filter(status="active").acount() == 2  # nothing closed yet
+    done = await post(CHANGELIST, {**form, "reason": "Model update"}, follow=True)
+    assert "Closed 2 streams." in done.content.decode()
+    await eventually(lambda: watcher.closed_reasons == ["Model update"])
+    reasons = {s.close_reason async for s in Stream.objects.all()}
+    assert reasons == {"Model update"}
+
+
+async def test_close_button_asks_for_a_reason_then_closes() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("s-1")
+    watcher = RecordingClient("watcher")
+    await manager.register_client(stream_id, watcher)
+    client = await sync_to_async(superuser)()
+    url = f"{CHANGELIST}s-1/close/"
+    assert 'name="reason"' in (await sync_to_async(client.get)(url)).content.decode()
+    response = await sync_to_async(client.post)(url, {"reason": "Abuse"})
+    assert response.status_code == 302
+    await eventually(lambda: watcher.closed_reasons == ["Abuse"])
+    assert (await Stream.objects.aget(pk="s-1")).close_reason == "Abuse"
+    empty = await sync_to_async(client.post)(
+        f"{CHANGELIST}{await manager.create_stream('s-2')}/close/", {"reason": ""}
+    )
+    assert "This field is required" in empty.content.decode()
+
+
+async def test_closing_needs_its_own_permission() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("s-1")
+    viewer = await sync_to_async(staff)("viewer")
+    closer = await sync_to_async(staff)("closer", "close_stream")
+    get, post = sync_to_async(viewer.get), sync_to_async(viewer.post)
+    assert "close_streams" not in (await get(CHANGELIST)).content.decode()
+    assert "close-stream-button" not in (await get(f"{CHANGELIST}s-1/change/")).content.decode()
+    assert (await get(f"{CHANGELIST}s-1/close/")).status_code == 403
+    assert (await post(f"{CHANGELIST}s-1/close/", {"reason": "x"})).status_code == 403
+    form: dict[str, Any] = {"action": "close_streams", "_selected_action": [stream_id],
+                            "reason": "x"}  # fmt: skip
+    await post(CHANGELIST, form)
+    assert (await Stream.objects.aget(pk="s-1")).status == "active"
+    assert "close_streams" in (await sync_to_async(closer.get)(CHANGELIST)).content.decode()
+    await sync_to_async(closer.post)(CHANGELIST, form)
+    assert (await Stream.objects.aget(pk="s-1")).status == "closed"
+
+
+async def test_streams_cannot_be_added_or_edited_in_the_admin() -> None:
+    client = await sync_to_async(superuser)()
+    assert (await sync_to_async(client.get)(CHANGELIST + "add/")).status_code == 403
