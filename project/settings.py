@@ -111,6 +111,7 @@ LOGGING = {
         "streaming_app": {
             "handlers": ["console"],
             "level": os.environ.get("STREAMING_LOG", "INFO"),
+            "propagate": False,
         },
     },
 }

@@ -34,6 +34,7 @@ from .conf import StreamingManagerConfig, app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError
 from .history import History
 from .layers import CLOSED, StreamLayer
+from .lifecycle import install_shutdown_hook
 from .models import STREAM_ID_PATTERN
 from .protocol import CloseCode
 from .registry import NewClient, NewStream, Registry
@@ -362,7 +363,7 @@ class StreamingManager:
 
     async def shutdown(self, reason: str = SHUTDOWN_REASON) -> None:
         """Close every active stream (clients are told to come back for the rest with close
-        code 1012), stop background work; initialize again before further use."""
+        code 4012), stop background work; initialize again before further use."""
         self.config  # noqa: B018
         for stream_id in await self._registry.active_stream_ids():
             try:
@@ -377,15 +378,23 @@ class StreamingManager:
 
     async def detach_worker(self, reason: str = SHUTDOWN_REASON) -> int:
         """Let this process go without closing streams: its clients are deregistered and told
-        to reconnect (close code 1012). The number of clients released."""
+        to reconnect (close code 4012). The number of clients released."""
         self.config  # noqa: B018
+        local = [client for clients in self._local.values() for client in clients.values()]
         released = await self._registry.remove_worker_clients(self.worker_id)
         for ref in released:
             await self.layer.leave(ref.stream_id, ref.channel_name)
             await self.layer.tell_deregistered(
                 ref.stream_id, ref.channel_name, reason, CloseCode.SERVICE_RESTART
             )
+        # Give this process's sockets the moment they need to say so before the server stops;
+        # they run in their own tasks and expose no event to wait on.
+        deadline = asyncio.get_running_loop().time() + 2
+        while any(c.is_active() for c in local) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         await self._stop_local_work()
+        logger.info("worker %s detached: %d client(s) told to reconnect", self.worker_id,
+                    len(released))  # fmt: skip
         return len(released)
 
     async def get_client_lags(self, stream_id: str) -> dict[str, int]:
@@ -458,6 +467,7 @@ class StreamingManager:
         except RuntimeError:
             return
         self._sweeper = loop.create_task(self._sweep_forever(), name="streaming-sweeper")
+        install_shutdown_hook(self)
 
     async def sweep(self, *, dry_run: bool = False) -> SweepReport:
         """One pass of background work: heartbeat this worker's clients, remove dead workers'

@@ -26,12 +26,15 @@ class ClientFrame(StrEnum):
 
 
 class CloseCode(IntEnum):
-    """WebSocket close codes the server uses, each with one meaning."""
+    """WebSocket close codes the server uses, each with one meaning.
+
+    Servers may only send 1000 and 3000-4999 (RFC 6455 section 7.4), so the 4xxx codes mirror
+    the standard ones where one exists (4012 ~ 1012 Service Restart, 4413 ~ HTTP 413).
+    """
 
     NORMAL = 1000  # the client asked to close
-    GOING_AWAY = 1001  # the server stopped; reconnect with last_seq
-    MESSAGE_TOO_BIG = 1009  # a client frame over MAX_CLIENT_FRAME_BYTES
-    SERVICE_RESTART = 1012  # deploy/shutdown: reconnect later with last_seq
+    SERVICE_RESTART = 4012  # deploy/worker shutdown: reconnect later with last_seq
+    MESSAGE_TOO_BIG = 4413  # a client frame over MAX_CLIENT_FRAME_BYTES
     STREAM_CLOSED = 4000  # the stream was closed; the closed frame has the reason
     BAD_REQUEST = 4400  # malformed URL or query (e.g. last_seq not an integer)
     FORBIDDEN = 4403  # not allowed to see this stream

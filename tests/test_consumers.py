@@ -249,7 +249,7 @@ async def test_malformed_frames_get_an_error_and_the_socket_stays(
     assert texts([await peer.frame()]) == ["still here"]
 
 
-async def test_oversized_frame_closes_with_1009(
+async def test_oversized_frame_closes_with_4413(
     manager: StreamingManager, connect: Any, session_key: str
 ) -> None:
     stream_id = await manager.create_stream(session_key=session_key)

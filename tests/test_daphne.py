@@ -10,7 +10,9 @@ from pathlib import Path
 
 import websockets
 
-from .servers import DaphneServer, base_env, migrated_sqlite, read_frames
+from streaming_app.protocol import CloseCode
+
+from .servers import DaphneServer, base_env, manage, migrated_sqlite, read_frames
 
 
 def start_turn(server: DaphneServer, message: str) -> tuple[str, str]:
@@ -68,3 +70,28 @@ async def test_other_session_is_refused(tmp_path: Path) -> None:
         assert ws.close_code == 4403
     assert frames == [{"type": "error", "code": "PERMISSION_DENIED",
                        "message": f"not allowed to use stream {stream_id!r}"}]  # fmt: skip
+
+
+async def test_stopping_a_worker_tells_its_clients_to_reconnect(tmp_path: Path) -> None:
+    database_url = migrated_sqlite(tmp_path)
+    env = base_env(DATABASE_URL=database_url)
+    server = DaphneServer(env, log=tmp_path / "daphne.log").start()
+    try:
+        stream_id, cookie = start_turn(server, " ".join(["word"] * 200))  # a long reply
+        async with websockets.connect(
+            f"{server.ws_url}/ws/streams/{stream_id}/",
+            additional_headers={"Cookie": cookie, "Origin": server.http_url},
+        ) as ws:
+            first = json.loads(await ws.recv())
+            assert first["type"] == "subscribed"
+            await ws.recv()  # streaming is under way
+            server.process.terminate()  # type: ignore[union-attr]  # SIGTERM, as on a deploy
+            frames = await read_frames(ws)
+        assert ws.close_code == CloseCode.SERVICE_RESTART, server.log()
+    finally:
+        server.stop()
+    assert frames[-1]["type"] == "reconnect"
+    assert frames[-1]["last_seq"] >= 1
+    counts = manage("shell", "--no-imports", "-c", "from streaming_app.models import StreamClient;"
+                    "print(StreamClient.objects.count())", env=env)  # fmt: skip
+    assert counts.stdout.strip() == "0", counts.stderr

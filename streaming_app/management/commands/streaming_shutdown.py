@@ -1,6 +1,6 @@
 """``manage.py streaming_shutdown``: close every active stream before a deploy.
 
-Clients get a ``reconnect`` frame with their resume cursor and close code 1012, so they come
+Clients get a ``reconnect`` frame with their resume cursor and close code 4012, so they come
 back for what they missed once the new workers run.
 """
 

@@ -15,7 +15,7 @@
 
   // Close codes after which reconnecting cannot help (see the README's close codes).
   var FINAL_CODES = {
-    1000: "closed", 1009: "frame too big", 4000: "stream closed", 4400: "bad request",
+    1000: "closed", 4000: "stream closed", 4400: "bad request", 4413: "frame too big",
     4403: "forbidden", 4404: "not found", 4410: "stream already closed",
     4411: "deregistered", 4429: "stream full",
   };
