@@ -1,0 +1,141 @@
+"""The chat page and the admin in Debian's headless Chromium, against a real Daphne."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from .servers import DaphneServer, base_env, manage, migrated_sqlite
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+# Set to a path to save the README's screenshot of the chat page.
+SCREENSHOT = os.environ.get("STREAMING_SCREENSHOT", "")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
+    directory = tmp_path_factory.mktemp("browser")
+    env = base_env(DATABASE_URL=migrated_sqlite(directory), DJANGO_SUPERUSER_PASSWORD="s3cret-pw")
+    made = manage("createsuperuser", "--noinput", "--username", "admin",
+                  "--email", "admin@example.com", env=env)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    with DaphneServer(env, log=directory / "daphne.log") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, server: DaphneServer) -> Iterator[Page]:
+    context = browser.new_context(base_url=server.http_url)
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+
+
+def send(page: Page, message: str) -> None:
+    page.goto("/")
+    page.fill("#message", message)
+    page.click("#send")
+    expect(page.locator(".turn.agent .bubble")).to_have_count(1)
+
+
+def reply(page: Page) -> str:
+    return page.locator(".turn.agent .bubble").last.inner_text()
+
+
+def wait_done(page: Page) -> None:
+    expect(page.locator(".turn.agent .events li", has_text="Done")).to_have_count(1)
+
+
+def test_a_message_streams_a_reply_token_by_token(page: Page) -> None:
+    send(page, "alpha beta gamma delta epsilon zeta eta theta")
+    snapshots = []
+    for _ in range(200):
+        snapshots.append(reply(page))
+        if page.locator(".turn.agent .events li", has_text="Done").count():
+            break
+        page.wait_for_timeout(40)
+    grown = [s for s in dict.fromkeys(snapshots) if s]
+    assert len(grown) >= 5  # the reply appeared piece by piece
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(grown))
+    wait_done(page)
+    final = reply(page)
+    assert final.startswith("You said 8 words.")
+    assert final.count("You said") == 1
+    assert "Calling tool word_count" in page.locator(".turn.agent .events").inner_text()
+    if SCREENSHOT:
+        page.screenshot(path=SCREENSHOT)
+
+
+def test_stop_ends_the_reply(page: Page) -> None:
+    send(page, " ".join(["word"] * 120))
+    expect(page.locator(".turn.agent .bubble")).to_contain_text("You said")
+    page.click("#stop")
+    expect(page.locator(".turn.agent .events")).to_contain_text("Stream closed: cancelled")
+    stopped = reply(page)
+    page.wait_for_timeout(500)
+    assert reply(page) == stopped
+    assert "streamed token by token" not in stopped
+    expect(page.locator("#send")).to_be_enabled()
+
+
+def test_a_second_tab_follows_the_same_reply(page: Page) -> None:
+    send(page, " ".join(["tab"] * 40))
+    expect(page).to_have_url(re.compile(r"\?stream="))
+    second = page.context.new_page()
+    second.goto(page.url)
+    wait_done(page)
+    wait_done(second)
+    assert reply(second) == reply(page)
+    assert reply(page).count("You said") == 1
+
+
+def test_a_reload_mid_reply_ends_with_the_full_reply_once(page: Page) -> None:
+    send(page, " ".join(["reload"] * 40))
+    expect(page.locator(".turn.agent .bubble")).to_contain_text("Here they are")
+    page.reload()
+    wait_done(page)
+    text = reply(page)
+    assert text.count("You said 40 words.") == 1
+    assert text.endswith("streamed token by token.")
+    assert text.count("reload") == 40
+
+
+def test_an_operator_closes_a_stream_from_the_admin_and_the_page_sees_it(
+    browser: Browser, page: Page, server: DaphneServer
+) -> None:
+    send(page, " ".join(["long"] * 300))
+    stream_id = page.url.split("stream=")[1]
+    operator = browser.new_context(base_url=server.http_url).new_page()
+    operator.goto("/admin/login/?next=/admin/streaming_app/stream/")
+    operator.fill("#id_username", "admin")
+    operator.fill("#id_password", "s3cret-pw")
+    operator.click("input[type=submit]")
+    operator.check(f"input[name=_selected_action][value='{stream_id}']")
+    operator.select_option("select[name=action]", "close_streams")
+    operator.click("button[name=index]")
+    operator.fill("input[name=reason]", "Closed for maintenance")
+    operator.click("#confirm-close")
+    expect(operator.locator(".messagelist")).to_contain_text("Closed 1 stream.")
+    expect(page.locator(".turn.agent .events")).to_contain_text(
+        "Stream closed: Closed for maintenance"
+    )
