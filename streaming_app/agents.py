@@ -8,11 +8,13 @@ An *agent* is an async generator function ``agent(message, stream_id)`` yielding
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
 
+from asgiref.sync import async_to_sync, sync_to_async
 from django.utils.module_loading import import_string
 
 from .chunks import (
@@ -50,26 +52,41 @@ async def run_agent(
 ) -> bool:
     """Push every chunk into the stream, then close it; True when the agent ran to its end.
 
-    An exception in the agent becomes ``handle_stream_error``. A stream closed meanwhile
-    (cancelled by a client or an operator) stops the agent quietly and returns False.
+    An exception in the agent becomes ``handle_stream_error``. When the stream is closed
+    meanwhile (a client's Stop, an operator), the agent is stopped at once, even while it waits
+    for its model, and False is returned.
     """
     manager = manager or get_streaming_manager()
+    closed = asyncio.ensure_future(manager.wait_closed(stream_id))
     iterator = aiter(chunks)
     try:
-        async for chunk in iterator:
+        while True:
+            step = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait({step, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+                logger.info("stream %s closed (%s): agent stopped", stream_id, closed.result())
+                return False
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                break
             await manager.push_chunk(stream_id, chunk)
     except StreamError as exc:
+        await _aclose(iterator)
         if exc.code is GMIErrorCode.STREAM_CLOSED:
             logger.info("stream %s was closed while its agent ran; stopping it", stream_id)
-            await _aclose(iterator)
             return False
-        await _aclose(iterator)
         await _report(manager, stream_id, exc)
         return False
     except Exception as exc:
         logger.exception("agent of stream %s failed", stream_id)
         await _report(manager, stream_id, exc)
         return False
+    finally:
+        closed.cancel()
     if close:
         await manager.close_stream(stream_id, COMPLETE_REASON)
     return True
@@ -96,6 +113,27 @@ async def stream_text(
         )
 
     return await run_agent(stream_id, chunks(), manager=manager, close=close)
+
+
+def stream_text_sync(stream_id: str, texts: Iterable[str], **chunk_fields: Any) -> bool:
+    """:func:`stream_text` for synchronous code (a Celery task, a management command): pipes
+    a plain iterator of text, e.g. a synchronous LLM SDK stream."""
+    return async_to_sync(stream_text)(stream_id, _from_sync(texts), **chunk_fields)
+
+
+async def _from_sync(texts: Iterable[str]) -> AsyncIterator[str]:
+    iterator = iter(texts)
+
+    def step() -> tuple[bool, str]:
+        for text in iterator:
+            return True, text
+        return False, ""
+
+    while True:  # each step may block on the network: run it off the event loop
+        more, text = await sync_to_async(step, thread_sensitive=False)()
+        if not more:
+            return
+        yield text
 
 
 async def _report(manager: StreamingManager, stream_id: str, exc: BaseException) -> None:
