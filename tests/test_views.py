@@ -56,7 +56,10 @@ async def test_a_signed_in_user_owns_the_stream() -> None:
 TOO_LONG = '{"message": "' + "x" * 4001 + '"}'
 
 
-@pytest.mark.parametrize("body", ["not json", '{"message": ""}', '{"message": 5}', '["x"]', TOO_LONG])
+BAD_BODIES = ["not json", '{"message": ""}', '{"message": 5}', '["x"]', TOO_LONG]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES)
 async def test_bad_requests_are_refused(body: str) -> None:
     response = await AsyncClient().post("/api/turns/", body, content_type="application/json")
     assert response.status_code == 400
