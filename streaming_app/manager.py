@@ -371,6 +371,9 @@ class StreamingManager:
             except StreamError:
                 logger.exception("shutdown could not close stream %s", stream_id)
         await self._stop_local_work()
+        aclose = getattr(self.history, "aclose", None)
+        if aclose is not None:
+            await aclose()
         self._config = None
         logger.info("streaming manager %s shut down", self.worker_id)
 

@@ -89,3 +89,14 @@ async def eventually(predicate: Any, timeout: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def redis_url(redis_proc: Any) -> str:
+    """A URL of this test session's own redis-server (pytest-redis, a free port), emptied."""
+    import redis
+
+    url = f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return url

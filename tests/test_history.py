@@ -1,18 +1,44 @@
-"""MemoryHistory: sequence numbers, bounded retention, close and send failures."""
+"""Both history backends: sequence numbers, bounded retention, close and send failures."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from streaming_app.exceptions import GMIErrorCode, StreamError
-from streaming_app.history import MemoryHistory
+from streaming_app.history import History, MemoryHistory
+from streaming_app.redis_history import RedisHistory
+
+Make = Callable[..., History]
 
 
-def make(max_chunks: int = 100, max_age: float = 3600) -> MemoryHistory:
-    return MemoryHistory(max_chunks=max_chunks, max_age_seconds=max_age)
+@pytest.fixture(params=["memory", "redis"])
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+    """Build a history of each backend (Redis: this session's own redis-server)."""
+    built: list[RedisHistory] = []
+
+    def build(max_chunks: int = 100, max_age: float = 3600) -> History:
+        if request.param == "memory":
+            return MemoryHistory(max_chunks=max_chunks, max_age_seconds=max_age)
+        url = request.getfixturevalue("redis_url")
+        built.append(RedisHistory(url, max_chunks=max_chunks, max_age_seconds=max_age))
+        return built[-1]
+
+    yield build
+    for history in built:
+        await history.aclose()
 
 
-async def test_sequence_numbers_and_reads() -> None:
+def clock(monkeypatch: pytest.MonkeyPatch, start: float) -> list[float]:
+    """A settable time.time for both backends."""
+    now = [start]
+    for module in ("streaming_app.history", "streaming_app.redis_history"):
+        monkeypatch.setattr(f"{module}.time.time", lambda: now[0])
+    return now
+
+
+async def test_sequence_numbers_and_reads(make: Make) -> None:
     history = make()
     await history.open("s")
     seqs = [(await history.append("s", f'"{i}"', take_failures=False)).seq for i in range(5)]
@@ -25,21 +51,21 @@ async def test_sequence_numbers_and_reads() -> None:
     assert (await history.read_after("unknown", 0)).head_seq == 0
 
 
-async def test_retention_by_count_and_age(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_retention_by_count_and_age(make: Make, monkeypatch: pytest.MonkeyPatch) -> None:
     history = make(max_chunks=3, max_age=10)
+    now = clock(monkeypatch, 1000.0)
     await history.open("s")
-    clock = [1000.0]
-    monkeypatch.setattr("streaming_app.history.time.time", lambda: clock[0])
     for i in range(5):
         await history.append("s", str(i), take_failures=False)
     assert [seq for seq, _ in (await history.read_after("s", 0)).entries] == [3, 4, 5]
-    clock[0] += 11
+    assert (await history.states(["s"]))["s"].first_seq == 3
+    now[0] += 11
     assert (await history.read_after("s", 0)).entries == []
     state = (await history.states(["s"]))["s"]
     assert (state.head_seq, state.first_seq) == (5, 6)
 
 
-async def test_close_is_idempotent_and_stops_appends() -> None:
+async def test_close_is_idempotent_and_stops_appends(make: Make) -> None:
     history = make()
     await history.open("s")
     await history.append("s", "1", take_failures=False)
@@ -55,7 +81,7 @@ async def test_close_is_idempotent_and_stops_appends() -> None:
     assert info.value.code is GMIErrorCode.RESOURCE_NOT_FOUND
 
 
-async def test_failures_are_taken_once_instead_of_appending() -> None:
+async def test_failures_are_taken_once_instead_of_appending(make: Make) -> None:
     history = make()
     await history.open("s")
     await history.record_failure("s", "c1", "boom")
@@ -65,8 +91,16 @@ async def test_failures_are_taken_once_instead_of_appending() -> None:
     assert (await history.append("s", "2", take_failures=True)).seq == 2
 
 
-async def test_forget_and_expire_closed(monkeypatch: pytest.MonkeyPatch) -> None:
-    history = make(max_age=10)
+async def test_forget(make: Make) -> None:
+    history = make()
+    for stream_id in ("a", "b"):
+        await history.open(stream_id)
+    await history.forget("a")
+    assert set(await history.states(["a", "b", "c"])) == {"b"}
+
+
+async def test_memory_history_expires_closed_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    history = MemoryHistory(max_chunks=100, max_age_seconds=10)
     for stream_id in ("a", "b", "c"):
         await history.open(stream_id)
     await history.forget("a")

@@ -1,0 +1,215 @@
+"""History in Redis, shared by every process: the scale-out backend.
+
+Per stream, three keys with one hash tag (so a Redis Cluster keeps them together):
+``streaming:{<id>}:meta`` (head seq, closed flag, reason, last activity), ``...:log`` (a Redis
+Stream whose entry ids are ``<seq>-0``, trimmed to ``HISTORY_MAX_CHUNKS``) and ``...:fail``
+(pending send failures). ``append`` and ``close`` are Lua scripts: one round trip, atomic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from .conf import app_settings
+from .exceptions import GMIErrorCode, StreamError
+from .history import AppendResult, Replay, StreamState
+
+# Keys of open streams outlive idle periods by this much at least (their inactivity timeout
+# closes them long before); closed streams keep their history for HISTORY_MAX_AGE_SECONDS.
+OPEN_TTL_SECONDS = 24 * 3600
+
+APPEND = """
+local meta, log, fail = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', meta) == 0 then return {-1} end
+if redis.call('HGET', meta, 'closed') == '1' then
+  return {-2, redis.call('HGET', meta, 'reason')}
+end
+if ARGV[5] == '1' then
+  local failures = redis.call('HGETALL', fail)
+  if #failures > 0 then
+    redis.call('DEL', fail)
+    local out = {0}
+    for i = 1, #failures do out[#out + 1] = failures[i] end
+    return out
+  end
+end
+local seq = redis.call('HINCRBY', meta, 'head', 1)
+redis.call('HSET', meta, 'last_activity', ARGV[2])
+redis.call('XADD', log, 'MAXLEN', ARGV[3], seq .. '-0', 't', ARGV[2], 'c', ARGV[1])
+redis.call('EXPIRE', meta, ARGV[4])
+redis.call('EXPIRE', log, ARGV[4])
+return {seq}
+"""
+
+CLOSE = """
+local meta = KEYS[1]
+if redis.call('EXISTS', meta) == 0 then return -1 end
+if redis.call('HGET', meta, 'closed') ~= '1' then
+  redis.call('HSET', meta, 'closed', '1', 'reason', ARGV[1], 'closed_at', ARGV[2])
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+end
+return tonumber(redis.call('HGET', meta, 'head'))
+"""
+
+
+def _keys(stream_id: str) -> tuple[str, str, str]:
+    base = f"streaming:{{{stream_id}}}"
+    return f"{base}:meta", f"{base}:log", f"{base}:fail"
+
+
+class RedisHistory:
+    """The History protocol over Redis (redis-py's asyncio client, one per event loop)."""
+
+    def __init__(
+        self, url: str, *, max_chunks: int, max_age_seconds: float, max_connections: int = 200
+    ) -> None:
+        self.url = url
+        self.max_chunks = max_chunks
+        self.max_age_seconds = max_age_seconds
+        self.max_connections = max_connections
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[Redis, AsyncScript, AsyncScript]] = {}
+
+    @classmethod
+    def from_settings(cls) -> RedisHistory:
+        """Built from ``REDIS_URL``, ``HISTORY_MAX_CHUNKS`` and ``HISTORY_MAX_AGE_SECONDS``."""
+        if not app_settings.REDIS_URL:
+            raise StreamError(
+                GMIErrorCode.INVALID_ARGUMENT, "RedisHistory needs STREAMING_APP['REDIS_URL']"
+            )
+        return cls(
+            app_settings.REDIS_URL,
+            max_chunks=app_settings.HISTORY_MAX_CHUNKS,
+            max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
+        )
+
+    def _client(self) -> tuple[Redis, AsyncScript, AsyncScript]:
+        # redis-py's connections belong to the loop that opened them: one client per loop.
+        loop = asyncio.get_running_loop()
+        entry = self._clients.get(loop)
+        if entry is None:
+            for old in [lp for lp in self._clients if lp.is_closed()]:
+                del self._clients[old]
+            client = Redis.from_url(self.url, max_connections=self.max_connections)
+            entry = (client, client.register_script(APPEND), client.register_script(CLOSE))
+            self._clients[loop] = entry
+        return entry
+
+    @property
+    def _ttl(self) -> int:
+        return max(1, int(self.max_age_seconds))
+
+    async def open(self, stream_id: str) -> None:
+        client, _, _ = self._client()
+        meta, log, fail = _keys(stream_id)
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.delete(meta, log, fail)
+            pipe.hset(meta, mapping={"head": 0, "closed": 0, "last_activity": time.time()})
+            pipe.expire(meta, OPEN_TTL_SECONDS)
+            await pipe.execute()
+
+    async def append(self, stream_id: str, chunk_json: str, *, take_failures: bool) -> AppendResult:
+        _, append, _ = self._client()
+        args: list[str | int | float] = [
+            chunk_json, time.time(), self.max_chunks, OPEN_TTL_SECONDS, int(take_failures),
+        ]  # fmt: skip
+        result: list[Any] = await append(keys=_keys(stream_id), args=args)
+        status = int(result[0])
+        if status == -1:
+            raise StreamError(
+                GMIErrorCode.RESOURCE_NOT_FOUND,
+                f"stream {stream_id!r} does not exist",
+                stream_id=stream_id,
+            )
+        if status == -2:
+            reason = _text(result[1])
+            raise StreamError(
+                GMIErrorCode.STREAM_CLOSED,
+                f"stream {stream_id!r} is closed ({reason})",
+                stream_id=stream_id,
+                details={"reason": reason},
+            )
+        if status == 0:
+            pairs = [_text(v) for v in result[1:]]
+            return AppendResult(
+                seq=None, failed_clients=dict(zip(pairs[::2], pairs[1::2], strict=True))
+            )
+        return AppendResult(seq=status)
+
+    async def read_after(self, stream_id: str, after_seq: int, up_to: int | None = None) -> Replay:
+        client, _, _ = self._client()
+        meta, log, _ = _keys(stream_id)
+        end = "+" if up_to is None else f"{up_to}-0"
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.hget(meta, "head")
+            pipe.xrange(log, min=f"({after_seq}-0", max=end)
+            head, entries = await pipe.execute()
+        cutoff = time.time() - self.max_age_seconds
+        held = [
+            (int(_text(entry_id).split("-")[0]), _text(fields[b"c"]))
+            for entry_id, fields in entries
+            if float(fields[b"t"]) >= cutoff
+        ]
+        return Replay(entries=held, head_seq=int(head or 0))
+
+    async def close(self, stream_id: str, reason: str) -> int | None:
+        _, _, close = self._client()
+        head = await close(keys=_keys(stream_id), args=[reason, time.time(), self._ttl])
+        return None if int(head) == -1 else int(head)
+
+    async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
+        ids = list(stream_ids)
+        if not ids:
+            return {}
+        client, _, _ = self._client()
+        async with client.pipeline(transaction=False) as pipe:
+            for stream_id in ids:
+                meta, log, _ = _keys(stream_id)
+                pipe.hmget(meta, ["head", "closed", "reason", "last_activity"])
+                pipe.xrange(log, min="-", max="+", count=1)
+            replies = await pipe.execute()
+        result = {}
+        cutoff = time.time() - self.max_age_seconds
+        for index, stream_id in enumerate(ids):
+            (head, closed, reason, last_activity), first = replies[2 * index : 2 * index + 2]
+            if head is None:
+                continue
+            head_seq = int(head)
+            first_seq = head_seq + 1
+            if first and float(first[0][1][b"t"]) >= cutoff:
+                first_seq = int(_text(first[0][0]).split("-")[0])
+            result[stream_id] = StreamState(
+                head_seq=head_seq,
+                first_seq=first_seq,
+                closed=_text(closed) == "1",
+                close_reason=_text(reason or b""),
+                last_activity=float(last_activity or 0),
+            )
+        return result
+
+    async def record_failure(self, stream_id: str, client_id: str, message: str) -> None:
+        client, _, _ = self._client()
+        _, _, fail = _keys(stream_id)
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hset(fail, client_id, message)
+            pipe.expire(fail, OPEN_TTL_SECONDS)
+            await pipe.execute()
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections (at shutdown)."""
+        entry = self._clients.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[0].aclose()
+
+    async def forget(self, stream_id: str) -> None:
+        client, _, _ = self._client()
+        await client.delete(*_keys(stream_id))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
