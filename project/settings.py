@@ -7,6 +7,7 @@ channels_redis and Redis-backed history, for many processes.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ STREAMING_APP: dict[str, Any] = {}
 if REDIS_URL:
     STREAMING_APP["HISTORY_BACKEND"] = "streaming_app.redis_history.RedisHistory"
     STREAMING_APP["REDIS_URL"] = REDIS_URL
+# Any STREAMING_APP key can be set from the environment as JSON, e.g.
+# STREAMING_APP_JSON='{"MAX_CONCURRENT_STREAMS": 500}'.
+STREAMING_APP.update(json.loads(os.environ.get("STREAMING_APP_JSON", "{}")))
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -72,7 +72,15 @@ def migrated_sqlite(directory: Path) -> str:
 class DaphneServer:
     """One Daphne worker serving ``project.asgi`` on a free port of 127.0.0.1."""
 
-    def __init__(self, env: Mapping[str, str], *, port: int | None = None, log: Path | None = None):
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        port: int | None = None,
+        log: Path | None = None,
+        app: str = "project.asgi:application",
+    ):
+        self.app = app
         self.env = dict(env)
         self.port = port or free_port()
         self.log_path = log
@@ -92,7 +100,7 @@ class DaphneServer:
         out = self._out if self._out is not None else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
-             "project.asgi:application"],
+             self.app],
             env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -156,3 +164,49 @@ async def read_frames(ws: Any) -> list[dict[str, Any]]:
             frames.append(json.loads(await ws.recv()))
     except ConnectionClosed:
         return frames
+
+
+def anyone(user: Any, session_key: str | None, stream: Any) -> bool:
+    """A CAN_SUBSCRIBE rule for tests whose clients have no session."""
+    return True
+
+
+def run_python(code: str, *, env: Mapping[str, str], timeout: float = 60) -> str:
+    """Run ``code`` in a new Django process (``manage.py shell``); its stdout.
+
+    Raises AssertionError with the process's stderr when it fails.
+    """
+    result = manage("shell", "--no-imports", "-c", code, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def start_python(code: str, *, env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """Start ``code`` in a new Django process without waiting for it."""
+    return subprocess.Popen(
+        [PYTHON, str(ROOT / "manage.py"), "shell", "--no-imports", "-c", code],
+        env=dict(env), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def create_postgres_database(url: str) -> str:
+    """A fresh, migrated database on the PostgreSQL server of ``url``; its URL."""
+    import uuid
+
+    import psycopg
+
+    server, _ = url.rsplit("/", 1)
+    name = f"streaming_mp_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    result = manage("migrate", "-v0", env=base_env(DATABASE_URL=f"{server}/{name}"))
+    assert result.returncode == 0, result.stderr
+    return f"{server}/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    import psycopg
+
+    server, name = url.rsplit("/", 1)
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

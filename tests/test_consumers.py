@@ -98,7 +98,7 @@ def slow_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
     original = StreamConsumer.send
 
     async def slow_send(self: StreamConsumer, *args: Any, **kwargs: Any) -> None:
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)
         await original(self, *args, **kwargs)
 
     monkeypatch.setattr(StreamConsumer, "send", slow_send)
@@ -406,7 +406,7 @@ async def test_sweeper_repairs_a_client_whose_channel_dropped_the_tail_and_the_c
     await manager.sweep()  # no progress since: nudged
     rest = [await peer.frame() for _ in range(20 - got)]
     assert texts(rest) == [str(i) for i in range(got + 1, 21)]
-    for i in range(21, 41):
+    for i in range(21, 81):
         await manager.push_chunk(stream_id, delta(stream_id, str(i)))
     await manager.close_stream(stream_id, "done")  # dropped too: the channel is full again
     frames = []
@@ -416,8 +416,8 @@ async def test_sweeper_repairs_a_client_whose_channel_dropped_the_tail_and_the_c
     await manager.sweep()  # a client still open on a closed stream is nudged at once
     more, code = await peer.frames_until_close()
     frames += more
-    assert texts(frames) == [str(i) for i in range(21, 41)]
-    assert frames[-1] == {"type": "closed", "reason": "done", "last_seq": 40}
+    assert texts(frames) == [str(i) for i in range(21, 81)]
+    assert frames[-1] == {"type": "closed", "reason": "done", "last_seq": 80}
     assert code == CloseCode.STREAM_CLOSED
 
 

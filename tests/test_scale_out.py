@@ -1,0 +1,223 @@
+"""Many processes on Redis and one database: the guarantees hold across all of them.
+
+Real parts only: this session's own redis-server (pytest-redis), Daphne subprocesses,
+``manage.py shell`` processes as producers and operators, ``websockets`` clients. The database
+is a migrated SQLite file, or a fresh PostgreSQL database when the suite runs on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from streaming_app.protocol import CloseCode
+
+from .servers import (
+    DaphneServer,
+    base_env,
+    create_postgres_database,
+    drop_postgres_database,
+    migrated_sqlite,
+    read_frames,
+    run_python,
+    start_python,
+)
+
+SETTINGS = {
+    "CAN_SUBSCRIBE": "tests.servers.anyone",
+    "CAN_CANCEL": "tests.servers.anyone",
+    "SWEEP_INTERVAL_SECONDS": 0.5,
+    "CLIENT_TIMEOUT_SECONDS": 2,
+}
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL", "")
+    if url.startswith("postgres"):
+        fresh = create_postgres_database(url)
+        yield fresh
+        drop_postgres_database(fresh)
+    else:
+        yield migrated_sqlite(tmp_path)
+
+
+@pytest.fixture
+def env(database_url: str, redis_url: str) -> dict[str, str]:
+    return base_env(
+        DATABASE_URL=database_url, REDIS_URL=redis_url, STREAMING_APP_JSON=json.dumps(SETTINGS)
+    )
+
+
+def with_settings(env: dict[str, str], **options: Any) -> dict[str, str]:
+    return {**env, "STREAMING_APP_JSON": json.dumps({**SETTINGS, **options})}
+
+
+@pytest.fixture
+def workers(env: dict[str, str], tmp_path: Path) -> Iterator[list[DaphneServer]]:
+    servers = [DaphneServer(env, log=tmp_path / f"daphne-{i}.log").start() for i in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def manager_call(env: dict[str, str], body: str) -> Any:
+    """Run ``body`` (async code using ``m``, the process's manager) in a new process;
+    the JSON value it assigns to ``out``."""
+    code = (
+        "import asyncio, json\n"
+        "from streaming_app.manager import get_streaming_manager\n"
+        "from streaming_app.chunks import TextDeltaChunk\n"
+        "from streaming_app.exceptions import StreamError\n"
+        "async def main():\n"
+        "    m = get_streaming_manager()\n"
+        "    out = None\n"
+        + "".join(f"    {line}\n" for line in body.strip().splitlines())
+        + "    return out\n"
+        "print('OUT=' + json.dumps(asyncio.run(main())))\n"
+    )
+    stdout = run_python(code, env=env)
+    return json.loads(stdout.split("OUT=", 1)[1])
+
+
+PUSH = """
+out = []
+for i in range({first}, {last} + 1):
+    try:
+        chunk = TextDeltaChunk(stream_id={sid!r}, text_delta=str(i))
+        out.append(await m.push_chunk({sid!r}, chunk))
+    except StreamError as exc:
+        out.append([str(exc.code), exc.details])
+        break
+"""
+
+
+async def subscribe(stack: AsyncExitStack, server: DaphneServer, stream_id: str) -> Any:
+    ws = await stack.enter_async_context(
+        websockets.connect(
+            f"{server.ws_url}/ws/streams/{stream_id}/",
+            additional_headers={"Origin": server.http_url},
+        )
+    )
+    assert json.loads(await ws.recv())["type"] == "subscribed"
+    return ws
+
+
+def chunk_seqs(frames: list[dict[str, Any]]) -> list[int]:
+    return [f["seq"] for f in frames if f["type"] == "chunk"]
+
+
+async def test_every_operation_crosses_processes(
+    env: dict[str, str], workers: list[DaphneServer]
+) -> None:
+    sid = manager_call(env, "out = await m.create_stream('mp-1')")
+    async with AsyncExitStack() as stack:
+        clients = [await subscribe(stack, w, sid) for w in workers for _ in range(2)]
+        state = manager_call(env, f"out = [await m.get_client_count_for_stream({sid!r}), "
+                                  "await m.get_active_stream_ids()]")  # fmt: skip
+        assert state == [4, [sid]]
+        assert manager_call(env, PUSH.format(first=1, last=150, sid=sid)) == list(range(1, 151))
+        manager_call(env, f"await m.handle_stream_error({sid!r}, RuntimeError('tool down'), "
+                          "terminate_stream=False)")  # fmt: skip
+        manager_call(env, f"await m.close_stream({sid!r}, 'closed by ops')")  # a third process
+        after = manager_call(env, PUSH.format(first=1, last=1, sid=sid))
+        results = await asyncio.wait_for(asyncio.gather(*(read_frames(ws) for ws in clients)), 20)
+    assert after[0][0] == "STREAM_CLOSED"
+    for frames, ws in zip(results, clients, strict=True):
+        assert chunk_seqs(frames) == list(range(1, 152))  # 150 deltas + the error chunk
+        assert frames[-2]["chunk"]["type"] == "error"
+        assert frames[-2]["chunk"]["message"] == "tool down"
+        assert frames[-1] == {"type": "closed", "reason": "closed by ops", "last_seq": 151}
+        assert ws.close_code == CloseCode.STREAM_CLOSED
+    assert manager_call(env, f"out = await m.get_client_count_for_stream({sid!r})") == 0
+
+
+async def test_deregister_reaches_a_client_in_another_worker(
+    env: dict[str, str], workers: list[DaphneServer]
+) -> None:
+    sid = manager_call(env, "out = await m.create_stream()")
+    async with AsyncExitStack() as stack:
+        ws = await subscribe(stack, workers[1], sid)
+        query = f"StreamClient.objects.filter(stream_id={sid!r})"
+        client_id = manager_call(
+            env, f"from streaming_app.models import StreamClient\n"
+                 f"out = [c.client_id async for c in {query}]"
+        )[0]  # fmt: skip
+        manager_call(env, f"await m.deregister_client({sid!r}, {client_id!r})")
+        frames = await asyncio.wait_for(read_frames(ws), 10)
+    assert ws.close_code == CloseCode.DEREGISTERED
+    assert frames[-1]["reason"] == "deregistered"
+
+
+def test_global_limits_hold_across_racing_processes(env: dict[str, str]) -> None:
+    racing = with_settings(env, MAX_CONCURRENT_STREAMS=7)
+    create = (
+        "import asyncio\n"
+        "from streaming_app.manager import get_streaming_manager\n"
+        "async def main():\n"
+        "    m = get_streaming_manager()\n"
+        "    results = await asyncio.gather(*(m.create_stream() for _ in range(6)),\n"
+        "                                   return_exceptions=True)\n"
+        "    print(sum(isinstance(r, str) for r in results))\n"
+        "asyncio.run(main())\n"
+    )
+    processes = [start_python(create, env=racing) for _ in range(4)]
+    outputs = [p.communicate(timeout=60) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err for _, err in outputs]
+    assert sum(int(out.strip().splitlines()[-1]) for out, _ in outputs) == 7
+    assert manager_call(racing, "out = len(await m.get_active_stream_ids())") == 7
+
+
+async def test_clients_of_a_killed_worker_are_reaped(
+    env: dict[str, str], workers: list[DaphneServer]
+) -> None:
+    sid = manager_call(env, "out = await m.create_stream()")
+    async with AsyncExitStack() as stack:
+        for worker in workers:
+            await subscribe(stack, worker, sid)
+        await subscribe(stack, workers[0], sid)
+        assert manager_call(env, f"out = await m.get_client_count_for_stream({sid!r})") == 3
+        workers[0].kill()  # kill -9: no clean-up at all
+        count = 3
+        for _ in range(40):  # the live worker's sweeper reaps within the client timeout
+            await asyncio.sleep(0.25)
+            count = manager_call(env, f"out = await m.get_client_count_for_stream({sid!r})")
+            if count == 1:
+                break
+        assert count == 1
+
+
+async def test_throw_raises_for_a_failing_client_in_another_process(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    throwing = with_settings(env, ON_CLIENT_SEND_ERROR_BEHAVIOR="throw")
+    failing = DaphneServer(
+        throwing, log=tmp_path / "failing.log", app="tests.failing_asgi:application"
+    )
+    with failing:
+        sid = manager_call(throwing, "out = await m.create_stream()")
+        async with AsyncExitStack() as stack:
+            await subscribe(stack, failing, sid)
+            first = manager_call(throwing, PUSH.format(first=1, last=1, sid=sid))
+            assert first == [1]
+            failure: Any = None
+            for _ in range(40):  # the failure reaches the producer's next push
+                result = manager_call(throwing, PUSH.format(first=2, last=2, sid=sid))
+                if result != [2] and isinstance(result[0], list):
+                    failure = result[0]
+                    break
+                await asyncio.sleep(0.1)
+    assert failure is not None
+    code, details = failure
+    assert code == "CLIENT_SEND_FAILED"
+    assert len(details["failed_clients"]) == 1
+    assert next(iter(details["failed_clients"])).startswith("ws-")
+    assert details["pushed"] is False
