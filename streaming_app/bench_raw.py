@@ -1,0 +1,42 @@
+"""Raw Channels for the benchmark's baseline: a consumer that forwards group messages as they
+are, served by its own ASGI app (``streaming_app.bench_raw:application``), never by the site."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
+from django.core.asgi import get_asgi_application
+
+django_asgi_app = get_asgi_application()
+
+from channels.generic.websocket import AsyncWebsocketConsumer  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import path  # noqa: E402
+
+RAW_GROUP_PREFIX = "rawbench."
+
+
+class RawConsumer(AsyncWebsocketConsumer):
+    """What a hand-written Channels chat does: join a group, forward its messages."""
+
+    async def connect(self) -> None:
+        self.group = RAW_GROUP_PREFIX + self.scope["url_route"]["kwargs"]["stream_id"]
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def raw_chunk(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=event["text"])
+
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": URLRouter([path("raw/<str:stream_id>/", RawConsumer.as_asgi())]),
+    }
+)
