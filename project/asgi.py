@@ -14,8 +14,9 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.urls import re_path  # noqa: E402
 
-from streaming_app.routing import websocket_urlpatterns  # noqa: E402
+from streaming_app.routing import sse_urlpatterns, websocket_urlpatterns  # noqa: E402
 
 # The demo serves its static files itself when DEBUG is on (as runserver does); in production
 # run collectstatic and let the web server in front of Daphne serve STATIC_ROOT.
@@ -23,7 +24,10 @@ http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django
 
 application = ProtocolTypeRouter(
     {
-        "http": http_app,
+        # Server-Sent Events first (they need the session and user), then Django.
+        "http": AuthMiddlewareStack(
+            URLRouter([*sse_urlpatterns, re_path(r"", http_app)])  # type: ignore[arg-type]
+        ),
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),

@@ -25,6 +25,7 @@ POSITIVE_NUMBERS = {
     "SWEEP_INTERVAL_SECONDS": "streaming_app.E010",
     "CLIENT_TIMEOUT_SECONDS": "streaming_app.E011",
     "DELIVERY_TIMEOUT_SECONDS": "streaming_app.E012",
+    "SSE_KEEPALIVE_SECONDS": "streaming_app.E019",
 }
 DOTTED_PATHS = {
     "HISTORY_BACKEND": "streaming_app.E013",

@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "SWEEP_INTERVAL_SECONDS": 5.0,
     "CLIENT_TIMEOUT_SECONDS": 30.0,
     "DELIVERY_TIMEOUT_SECONDS": 5.0,
+    # Server-Sent Events: a comment this often keeps proxies from closing an idle response.
+    "SSE_KEEPALIVE_SECONDS": 15.0,
 }
 
 
@@ -161,6 +163,10 @@ class AppSettings:
     @property
     def DELIVERY_TIMEOUT_SECONDS(self) -> float:
         return float(self.get("DELIVERY_TIMEOUT_SECONDS"))
+
+    @property
+    def SSE_KEEPALIVE_SECONDS(self) -> float:
+        return float(self.get("SSE_KEEPALIVE_SECONDS"))
 
 
 app_settings = AppSettings()

@@ -5,7 +5,14 @@ from __future__ import annotations
 from django.urls import path
 
 from .consumers import StreamConsumer
+from .sse import stream_events
 
 websocket_urlpatterns = [
     path("ws/streams/<str:stream_id>/", StreamConsumer.as_asgi(), name="streaming-ws"),
+]
+
+# Server-Sent Events (HTTP): route before the Django app, behind AuthMiddlewareStack.
+sse_urlpatterns = [
+    # Channels routes ASGI apps with Django's path(); django-stubs expects views there.
+    path("streams/<str:stream_id>/events", stream_events, name="streaming-sse"),  # type: ignore[arg-type]
 ]
