@@ -193,7 +193,7 @@ def _wait_port(port: int, timeout: float = 20) -> None:
 
 
 async def _client(url: str, received: list[tuple[int, float, float]], done: asyncio.Event,
-                  raw: bool, idle: float) -> None:  # fmt: skip
+                  raw: bool, idle: float, expected: int) -> None:  # fmt: skip
     import websockets
     from websockets.exceptions import ConnectionClosed
 
@@ -209,6 +209,8 @@ async def _client(url: str, received: list[tuple[int, float, float]], done: asyn
                 frame = json.loads(text)
                 if raw:
                     received.append((frame["seq"], frame["t"], now))
+                    if len(received) >= expected:  # raw Channels says nothing at the end
+                        return
                 elif frame["type"] == "chunk":
                     sent = frame["chunk"]["metadata"]["t"]
                     received.append((frame["seq"], sent, now))
@@ -240,6 +242,7 @@ async def _end_to_end(deployment: Deployment, system: str, layer: str, scenario:
         ids = json.loads(out)
     received: list[list[tuple[int, float, float]]] = []
     tasks, ready = [], []
+    idle = 3.0 if scenario.chunks <= 200 else 8.0  # how long a client waits for more
     for stream_id in ids:
         path = f"raw/{stream_id}/" if raw else f"ws/streams/{stream_id}/"
         for _ in range(scenario.clients):
@@ -248,7 +251,8 @@ async def _end_to_end(deployment: Deployment, system: str, layer: str, scenario:
             event = asyncio.Event()
             ready.append(event)
             tasks.append(asyncio.create_task(
-                _client(f"ws://127.0.0.1:{port}/{path}", got, event, raw, idle=8.0)))  # fmt: skip
+                _client(f"ws://127.0.0.1:{port}/{path}", got, event, raw, idle=idle,
+                        expected=scenario.chunks)))  # fmt: skip
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), 60)
     spec = {"system": system, "ids": ids, "chunks": scenario.chunks, "rate": scenario.rate}
     started = time.time()
