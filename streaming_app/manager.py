@@ -32,7 +32,7 @@ from .chunks import AgentOSResponse, ErrorChunk, encode_chunk
 from .clients import ChannelBridge, ChannelClient, StreamClient
 from .conf import StreamingManagerConfig, app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError
-from .history import History
+from .history import History, StreamState
 from .layers import CLOSED, StreamLayer
 from .lifecycle import install_shutdown_hook
 from .models import STREAM_ID_PATTERN
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
 DEFAULT_CLOSE_REASON = "Stream closed"
 SHUTDOWN_REASON = "Server shutting down"
+HISTORY_LOST_REASON = "Stream history was lost (the streaming backend restarted)"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -532,7 +533,9 @@ class StreamingManager:
         throw = raise_failures and config.on_client_send_error_behavior == "throw"
         try:
             result = await self.history.append(stream_id, chunk_json, take_failures=throw)
-        except StreamError:
+        except StreamError as exc:
+            if exc.code is GMIErrorCode.RESOURCE_NOT_FOUND:
+                await self._history_lost(stream_id)
             raise
         except Exception as exc:
             raise _backend_error(stream_id, "history", exc) from exc
@@ -559,6 +562,28 @@ class StreamingManager:
             if throw and failed:
                 raise _send_failed(stream_id, failed, pushed=True, seq=seq)
         return seq
+
+    async def _history_lost(self, stream_id: str) -> None:
+        """The history no longer knows a stream the database calls active (Redis restarted
+        empty): close it, so clients learn it instead of waiting; raises the reason."""
+        try:
+            stream = await self._registry.get_stream(stream_id)
+        except StreamError:
+            return  # unknown to both: the caller's RESOURCE_NOT_FOUND stands
+        if not stream.is_active:
+            raise StreamError(
+                GMIErrorCode.STREAM_CLOSED,
+                f"stream {stream_id!r} is closed ({stream.close_reason})",
+                stream_id=stream_id,
+                details={"reason": stream.close_reason},
+            )
+        logger.error("stream %s: its history was lost (backend restarted?); closing it", stream_id)
+        await self.close_stream(stream_id, HISTORY_LOST_REASON)
+        raise StreamError(
+            GMIErrorCode.BACKEND_UNAVAILABLE,
+            f"the history of stream {stream_id!r} was lost; the stream was closed",
+            stream_id=stream_id,
+        )
 
     async def _on_send_failure(
         self, stream_id: str, client_id: str, exc: BaseException, reported_inline: bool
@@ -622,8 +647,8 @@ class StreamingManager:
         for key, (channel, position) in clients.items():
             state = states.get(key[0])
             positions[key] = position
-            if state is None:
-                continue
+            if state is None:  # history forgot the stream: nothing more can come; say so
+                state = StreamState(0, 1, True, HISTORY_LOST_REASON, 0.0)
             stalled = position < state.head_seq and self._positions.get(key) == position
             if state.closed or stalled:
                 logger.warning(

@@ -8,8 +8,12 @@ is a migrated SQLite file, or a fresh PostgreSQL database when the suite runs on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -25,6 +29,7 @@ from .servers import (
     base_env,
     create_postgres_database,
     drop_postgres_database,
+    free_port,
     migrated_sqlite,
     read_frames,
     run_python,
@@ -221,3 +226,86 @@ async def test_throw_raises_for_a_failing_client_in_another_process(
     assert len(details["failed_clients"]) == 1
     assert next(iter(details["failed_clients"])).startswith("ws-")
     assert details["pushed"] is False
+
+
+class RedisServer:
+    """A redis-server of this test's own, which the test stops and starts again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+PRODUCE_THROUGH_OUTAGE = """
+import time
+codes = []
+for i in range(1, 61):
+    try:
+        chunk = TextDeltaChunk(stream_id={sid!r}, text_delta=str(i))
+        codes.append(await m.push_chunk({sid!r}, chunk))
+    except StreamError as exc:
+        codes.append(str(exc.code))
+    await asyncio.sleep(0.05)
+out = codes
+"""
+
+
+async def test_a_redis_restart_mid_stream_is_a_clear_error_never_a_silent_hole(
+    database_url: str, tmp_path: Path
+) -> None:
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    env = base_env(DATABASE_URL=database_url, REDIS_URL=redis_server.url,
+                   STREAMING_APP_JSON=json.dumps(SETTINGS))  # fmt: skip
+    worker = DaphneServer(env, log=tmp_path / "daphne.log").start()
+    try:
+        sid = manager_call(env, "out = await m.create_stream()")
+        async with AsyncExitStack() as stack:
+            ws = await subscribe(stack, worker, sid)
+            producer = asyncio.create_task(
+                asyncio.to_thread(manager_call, env, PRODUCE_THROUGH_OUTAGE.format(sid=sid))
+            )
+            frames_task = asyncio.create_task(read_frames(ws))
+            await asyncio.sleep(2.0)  # the producer is under way
+            redis_server.stop()
+            await asyncio.sleep(1.0)
+            redis_server.start()  # empty: Redis keeps nothing on disk here
+            codes = await producer
+            frames = await asyncio.wait_for(frames_task, 30)
+    finally:
+        worker.stop()
+        redis_server.stop()
+    pushed = [c for c in codes if isinstance(c, int)]
+    errors = [c for c in codes if isinstance(c, str)]
+    assert pushed[:5] == [1, 2, 3, 4, 5]
+    assert errors  # the outage reached the producer as StreamErrors, not as anything else
+    # during the outage: unavailable; after the empty restart: the stream was closed for it
+    assert set(errors) <= {"BACKEND_UNAVAILABLE", "STREAM_CLOSED"}
+    assert errors[-1] == "STREAM_CLOSED"
+    seqs = chunk_seqs(frames)
+    assert seqs == list(range(1, len(seqs) + 1))  # what arrived has no hole
+    # ... and the client was told how it ended instead of being left waiting
+    assert frames[-1]["type"] in ("closed", "error", "gap", "reconnect"), frames[-3:]
+    assert ws.close_code is not None
