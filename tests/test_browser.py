@@ -120,6 +120,17 @@ def test_a_reload_mid_reply_ends_with_the_full_reply_once(page: Page) -> None:
     assert text.count("reload") == 40
 
 
+def test_a_dropped_connection_resumes_and_shows_the_reply_once(page: Page) -> None:
+    send(page, " ".join(["drop"] * 40))
+    expect(page.locator(".turn.agent .bubble")).to_contain_text("Here they are")
+    page.evaluate("window.streamingClient.socket.close(3001, 'network blip')")
+    wait_done(page)
+    text = reply(page)
+    assert text.count("You said 40 words.") == 1
+    assert text.count("drop") == 40
+    assert text.endswith("streamed token by token.")
+
+
 def test_an_operator_closes_a_stream_from_the_admin_and_the_page_sees_it(
     browser: Browser, page: Page, server: DaphneServer
 ) -> None:
