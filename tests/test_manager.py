@@ -466,3 +466,23 @@ async def test_wait_closed_tells_the_producer_at_once(manager: StreamingManager)
     with pytest.raises(StreamError) as info:
         await manager.wait_closed("missing")
     assert info.value.code is GMIErrorCode.RESOURCE_NOT_FOUND
+
+
+@override_settings(STREAMING_APP={"DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": 50})
+async def test_idle_streams_are_closed_once_by_racing_sweepers() -> None:
+    first = get_streaming_manager()
+    second = StreamingManager()  # another process's manager, on the same database and layer
+    await second.initialize()
+    second._history = first.history  # one process here: the history they would share in Redis
+    stream_id = await first.create_stream()
+    busy = await first.create_stream(inactivity_timeout_ms=60_000)
+    client = RecordingClient("watcher")
+    await first.register_client(stream_id, client)
+    await asyncio.sleep(0.1)
+    reports = await asyncio.gather(*(m.sweep() for m in (first, second, first, second)))
+    assert any(stream_id in report.closed_idle for report in reports)
+    await eventually(lambda: client.closed_reasons)
+    await asyncio.sleep(0.05)
+    assert client.closed_reasons == ["Closed after 0.05 s of inactivity"]
+    assert await first.get_active_stream_ids() == [busy]
+    await first.shutdown()
