@@ -16,9 +16,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .chunks import AgentOSResponse, parse_chunk
+from .chunks import AgentOSResponse, encode_chunk, parse_chunk
+from .conf import app_settings
 from .history import History
 from .layers import CHUNK, CLOSED, DEREGISTERED, SYNC, ChannelLayer
+from .protocol import ServerFrame, chunk_frame, frame
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,51 @@ class Delivery:
             logger.info("stream %s: catch-up of %d items from history", self.stream_id, len(items))
         self.delivered_seq = max(self.delivered_seq, last)
         return items
+
+
+class Follower:
+    """What every transport's client shares: who it is, how far it has been served, and the
+    frames it sends (a mixin for the WebSocket consumer and the SSE response)."""
+
+    scope: dict[str, Any]
+    stream_id: str
+    client_id: str
+    delivery: Delivery | None = None
+
+    @property
+    def id(self) -> str:
+        return self.client_id
+
+    @property
+    def user_id(self) -> int | None:
+        user = self.scope.get("user")
+        return user.pk if user is not None and user.is_authenticated else None
+
+    @property
+    def delivered_seq(self) -> int:
+        return self.delivery.delivered_seq if self.delivery is not None else 0
+
+    def item_frames(self, items: list[Chunk | Gap]) -> list[tuple[ServerFrame, int | None, str]]:
+        """``(frame type, seq, JSON text)`` for chunks and gaps."""
+        frames: list[tuple[ServerFrame, int | None, str]] = []
+        for item in items:
+            if isinstance(item, Chunk):
+                frames.append((ServerFrame.CHUNK, item.seq, chunk_frame(item.seq, item.chunk_json)))
+            else:
+                text = frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
+                frames.append((ServerFrame.GAP, None, text))
+        return frames
+
+    def out_of_band_frame(self, chunk: AgentOSResponse) -> str:
+        """A chunk sent to this client alone, outside the stream's sequence (``seq`` null)."""
+        text = encode_chunk(chunk, stream_id=self.stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
+        return f'{{"type":"chunk","seq":null,"chunk":{text}}}'
+
+    def closed_frame(self, reason: str | None) -> str:
+        return frame(ServerFrame.CLOSED, reason=reason or "", last_seq=self.delivered_seq)
+
+    def reconnect_frame(self, reason: str) -> str:
+        return frame(ServerFrame.RECONNECT, reason=reason, last_seq=self.delivered_seq)
 
 
 FailureHandler = Callable[[str, str, BaseException, bool], Awaitable[None]]

@@ -16,13 +16,13 @@ from urllib.parse import parse_qs
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from .auth import authorize_cancel, authorize_subscribe
-from .chunks import AgentOSResponse, encode_chunk
-from .clients import Chunk, Delivery, Gap
+from .chunks import AgentOSResponse
+from .clients import Chunk, Delivery, Follower, Gap
 from .conf import app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError
 from .layers import CHUNK
 from .manager import get_streaming_manager
-from .protocol import ClientFrame, CloseCode, ServerFrame, chunk_frame, frame
+from .protocol import ClientFrame, CloseCode, ServerFrame, frame
 
 logger = logging.getLogger(__name__)
 
@@ -58,42 +58,24 @@ def parse_last_seq(query_string: bytes | str, stream_id: str) -> int:
     return last_seq
 
 
-class StreamConsumer(AsyncWebsocketConsumer):
+class StreamConsumer(Follower, AsyncWebsocketConsumer):
     """A browser (or any WebSocket peer) following one stream."""
 
     transport = "websocket"
-    delivery: Delivery | None = None
     registered = False
     closing = False
 
     # -- StreamClient ---------------------------------------------------------------
-
-    @property
-    def id(self) -> str:
-        return self.client_id
-
-    @property
-    def user_id(self) -> int | None:
-        user = self.scope.get("user")
-        return user.pk if user is not None and user.is_authenticated else None
-
-    @property
-    def delivered_seq(self) -> int:
-        return self.delivery.delivered_seq if self.delivery is not None else 0
 
     def is_active(self) -> bool:
         return not self.closing
 
     async def send_chunk(self, chunk: AgentOSResponse) -> None:
         """Send one chunk outside the stream's sequence (``seq`` is null)."""
-        chunk_json = encode_chunk(
-            chunk, stream_id=self.stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES
-        )
-        await self.send(text_data=f'{{"type":"chunk","seq":null,"chunk":{chunk_json}}}')
+        await self.send(text_data=self.out_of_band_frame(chunk))
 
     async def notify_stream_closed(self, reason: str | None = None) -> None:
-        await self.send(text_data=frame(ServerFrame.CLOSED, reason=reason or "",
-                                        last_seq=self.delivered_seq))  # fmt: skip
+        await self.send(text_data=self.closed_frame(reason))
 
     # -- connection -----------------------------------------------------------------
 
@@ -265,17 +247,11 @@ class StreamConsumer(AsyncWebsocketConsumer):
 
     async def send_reconnect(self, reason: str) -> None:
         """Tell the client to come back later from where it is."""
-        await self.send(
-            text_data=frame(ServerFrame.RECONNECT, reason=reason, last_seq=self.delivered_seq)
-        )
+        await self.send(text_data=self.reconnect_frame(reason))
 
     async def emit(self, items: list[Chunk | Gap]) -> None:
         """Send chunk and gap frames; a failed send goes to the manager's send-error policy."""
-        for item in items:
-            if isinstance(item, Chunk):
-                text = chunk_frame(item.seq, item.chunk_json)
-            else:
-                text = frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
+        for _kind, _seq, text in self.item_frames(items):
             try:
                 await self.send(text_data=text)
             except Exception as exc:

@@ -15,14 +15,14 @@ import uuid
 from typing import Any
 
 from .auth import authorize_subscribe
-from .chunks import AgentOSResponse, encode_chunk
-from .clients import Chunk, Delivery, Gap
+from .chunks import AgentOSResponse
+from .clients import Chunk, Delivery, Follower, Gap
 from .conf import app_settings
 from .consumers import parse_last_seq
 from .exceptions import GMIError, GMIErrorCode, StreamError
 from .layers import CHUNK, CLOSED, DEREGISTERED, SYNC
 from .manager import get_streaming_manager
-from .protocol import CloseCode, ServerFrame, chunk_frame, frame
+from .protocol import CloseCode, ServerFrame, frame
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def event(kind: str, data: str, seq: int | None = None) -> bytes:
     return f"{head}event: {kind}\ndata: {data}\n\n".encode()
 
 
-class EventStream:
+class EventStream(Follower):
     """One SSE response following one stream; a ``ChannelClient`` of the manager."""
 
     transport = "sse"
@@ -52,29 +52,14 @@ class EventStream:
 
     # -- StreamClient ---------------------------------------------------------------
 
-    @property
-    def id(self) -> str:
-        return self.client_id
-
-    @property
-    def user_id(self) -> int | None:
-        user = self.scope.get("user")
-        return user.pk if user is not None and user.is_authenticated else None
-
-    @property
-    def delivered_seq(self) -> int:
-        return self.delivery.delivered_seq if self.delivery is not None else 0
-
     def is_active(self) -> bool:
         return not self.finished
 
     async def send_chunk(self, chunk: AgentOSResponse) -> None:
-        text = encode_chunk(chunk, stream_id=self.stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
-        await self.write(event("chunk", f'{{"type":"chunk","seq":null,"chunk":{text}}}'))
+        await self.write(event("chunk", self.out_of_band_frame(chunk)))
 
     async def notify_stream_closed(self, reason: str | None = None) -> None:
-        data = frame(ServerFrame.CLOSED, reason=reason or "", last_seq=self.delivered_seq)
-        await self.write(event("closed", data))
+        await self.write(event("closed", self.closed_frame(reason)))
 
     # -- the response ---------------------------------------------------------------
 
@@ -176,19 +161,14 @@ class EventStream:
 
     async def end(self, code: int, reason: str) -> None:
         if code == CloseCode.SERVICE_RESTART:
-            data = frame(ServerFrame.RECONNECT, reason=reason, last_seq=self.delivered_seq)
-            await self.write(event("reconnect", data))
+            await self.write(event("reconnect", self.reconnect_frame(reason)))
         else:
             await self.notify_stream_closed(reason)
         await self.finish()
 
     async def emit(self, items: list[Chunk | Gap]) -> None:
-        for item in items:
-            if isinstance(item, Chunk):
-                await self.write(event("chunk", chunk_frame(item.seq, item.chunk_json), item.seq))
-            else:
-                data = frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
-                await self.write(event("gap", data))
+        for kind, seq, text in self.item_frames(items):
+            await self.write(event(kind, text, seq))
 
     async def finish(self) -> None:
         self.finished = True
