@@ -123,9 +123,10 @@ class StreamAdmin(_StreamAdmin):
 
     @admin.display(description=_("last chunks (from history)"))
     def recent_chunks(self, stream: Stream) -> str:
-        manager = get_streaming_manager()
-        after = max(0, stream.chunk_count - RECENT_CHUNKS)
-        replay = async_to_sync(manager.history.read_after)(stream.pk, after)
+        history = get_streaming_manager().history
+        state = async_to_sync(history.states)([stream.pk]).get(stream.pk)
+        head = state.head_seq if state is not None else stream.chunk_count
+        replay = async_to_sync(history.read_after)(stream.pk, max(0, head - RECENT_CHUNKS))
         if not replay.entries:
             return str(_("History holds no chunks of this stream in this process."))
         items = format_html_join(
@@ -140,6 +141,9 @@ class StreamAdmin(_StreamAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # close through the manager; old closed streams go with streaming_prune
 
     def has_close_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm(CLOSE_PERMISSION)

@@ -63,6 +63,8 @@ async def test_change_page_shows_clients_and_last_chunks() -> None:
     manager = get_streaming_manager()
     stream_id = await manager.create_stream("s-1")
     await manager.register_client(stream_id, RecordingClient("tab-1"))
+    for i in range(25):
+        await manager.push_chunk(stream_id, delta(stream_id, f"old-{i}"))
     for text in ("alpha", "beta"):
         await manager.push_chunk(stream_id, delta(stream_id, text))
     client = await sync_to_async(superuser)()
@@ -70,6 +72,7 @@ async def test_change_page_shows_clients_and_last_chunks() -> None:
     assert "tab-1" in page and "python" in page.lower()
     assert "alpha" in page and "beta" in page
     assert 'id="close-stream-button"' in page
+    assert "old-7" in page and "old-6" not in page  # the last 20 chunks only
 
 
 async def test_close_action_asks_for_a_reason_and_clients_see_it() -> None:
@@ -128,6 +131,9 @@ async def test_closing_needs_its_own_permission() -> None:
     assert (await Stream.objects.aget(pk="s-1")).status == "closed"
 
 
-async def test_streams_cannot_be_added_or_edited_in_the_admin() -> None:
+async def test_streams_cannot_be_added_edited_or_deleted_in_the_admin() -> None:
+    stream_id = await get_streaming_manager().create_stream("s-1")
     client = await sync_to_async(superuser)()
     assert (await sync_to_async(client.get)(CHANGELIST + "add/")).status_code == 403
+    assert (await sync_to_async(client.get)(f"{CHANGELIST}{stream_id}/delete/")).status_code == 403
+    assert "delete_selected" not in (await sync_to_async(client.get)(CHANGELIST)).content.decode()
