@@ -181,6 +181,29 @@ def test_global_limits_hold_across_racing_processes(env: dict[str, str]) -> None
     assert manager_call(racing, "out = len(await m.get_active_stream_ids())") == 7
 
 
+def test_client_limit_holds_across_racing_processes(env: dict[str, str]) -> None:
+    racing = with_settings(env, MAX_CLIENTS_PER_STREAM=5, SWEEP_INTERVAL_SECONDS=3600)
+    sid = manager_call(racing, "out = await m.create_stream('crowded')")
+    register = (
+        "import asyncio, os\n"
+        "from streaming_app.manager import get_streaming_manager\n"
+        "from tests.conftest import RecordingClient\n"
+        "async def main():\n"
+        "    m = get_streaming_manager()\n"
+        "    clients = [RecordingClient(f'{os.getpid()}-{i}') for i in range(4)]\n"
+        f"    results = await asyncio.gather(*(m.register_client({sid!r}, c) for c in clients),\n"
+        "                                   return_exceptions=True)\n"
+        "    print(sum(r is None for r in results))\n"
+        "    m.cancel_background()  # the clients die with this process; no sweeper needed\n"
+        "asyncio.run(main())\n"
+    )
+    processes = [start_python(register, env=racing) for _ in range(4)]
+    outputs = [p.communicate(timeout=60) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err for _, err in outputs]
+    assert sum(int(out.strip().splitlines()[-1]) for out, _ in outputs) == 5
+    assert manager_call(racing, f"out = await m.get_client_count_for_stream({sid!r})") == 5
+
+
 async def test_clients_of_a_killed_worker_are_reaped(
     env: dict[str, str], workers: list[DaphneServer]
 ) -> None:
