@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Protocol
 
+from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
 
 
@@ -46,7 +47,8 @@ class Replay:
 
 
 class History(Protocol):
-    """What the manager and the clients need of a history backend."""
+    """What the manager and the clients need of a history backend (a class named by
+    ``HISTORY_BACKEND`` with a ``from_settings()`` classmethod)."""
 
     async def open(self, stream_id: str) -> None:
         """Start an empty history for a new stream."""
@@ -92,6 +94,14 @@ class MemoryHistory:
         self.max_chunks = max_chunks
         self.max_age_seconds = max_age_seconds
         self._streams: dict[str, _MemoryStream] = {}
+
+    @classmethod
+    def from_settings(cls) -> MemoryHistory:
+        """Built from ``HISTORY_MAX_CHUNKS`` and ``HISTORY_MAX_AGE_SECONDS``."""
+        return cls(
+            max_chunks=app_settings.HISTORY_MAX_CHUNKS,
+            max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
+        )
 
     async def open(self, stream_id: str) -> None:
         self._streams[stream_id] = _MemoryStream()

@@ -60,15 +60,7 @@ class SweepReport:
 
 def build_history() -> History:
     """The history backend named by ``HISTORY_BACKEND``, built from the settings."""
-    backend = import_string(app_settings.HISTORY_BACKEND)
-    history: History = (
-        backend.from_settings()
-        if hasattr(backend, "from_settings")
-        else backend(
-            max_chunks=app_settings.HISTORY_MAX_CHUNKS,
-            max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
-        )
-    )
+    history: History = import_string(app_settings.HISTORY_BACKEND).from_settings()
     return history
 
 
@@ -136,15 +128,18 @@ class StreamingManager:
             )
         return self._config
 
+    def _check_initialized(self) -> None:
+        self.config  # noqa: B018  (the property raises NOT_INITIALIZED)
+
     @property
     def history(self) -> History:
-        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        self._check_initialized()
         assert self._history is not None
         return self._history
 
     @property
     def layer(self) -> StreamLayer:
-        self.config  # noqa: B018
+        self._check_initialized()
         assert self._layer is not None
         return self._layer
 
@@ -271,7 +266,7 @@ class StreamingManager:
 
         Raises ``StreamError(RESOURCE_NOT_FOUND)`` for an unknown stream or client.
         """
-        self.config  # noqa: B018
+        self._check_initialized()
         if not await self._release_client(stream_id, client_id, notify="deregistered"):
             if not await self._registry.stream_exists(stream_id):
                 raise StreamError(
@@ -309,7 +304,7 @@ class StreamingManager:
         later with their resume cursor. Closing a closed stream does nothing.
         Raises ``StreamError(RESOURCE_NOT_FOUND)``.
         """
-        self.config  # noqa: B018
+        self._check_initialized()
         reason = reason or DEFAULT_CLOSE_REASON
         released = await self._registry.close_stream(stream_id, reason)
         if released is None:
@@ -334,7 +329,7 @@ class StreamingManager:
 
         Raises ``StreamError``: RESOURCE_NOT_FOUND, STREAM_CLOSED.
         """
-        self.config  # noqa: B018
+        self._check_initialized()
         code = getattr(error, "code", None) or type(error).__name__
         details = getattr(error, "details", None)
         chunk = ErrorChunk(
@@ -351,7 +346,7 @@ class StreamingManager:
 
     async def get_active_stream_ids(self) -> list[str]:
         """Ids of all active streams, across every process, oldest first."""
-        self.config  # noqa: B018
+        self._check_initialized()
         return await self._registry.active_stream_ids()
 
     async def get_client_count_for_stream(self, stream_id: str) -> int:
@@ -359,13 +354,13 @@ class StreamingManager:
 
         Raises ``StreamError(RESOURCE_NOT_FOUND)``.
         """
-        self.config  # noqa: B018
+        self._check_initialized()
         return await self._registry.client_count(stream_id)
 
     async def shutdown(self, reason: str = SHUTDOWN_REASON) -> None:
         """Close every active stream (clients are told to come back for the rest with close
         code 4012), stop background work; initialize again before further use."""
-        self.config  # noqa: B018
+        self._check_initialized()
         for stream_id in await self._registry.active_stream_ids():
             try:
                 await self.close_stream(stream_id, reason, code=CloseCode.SERVICE_RESTART)
@@ -383,7 +378,7 @@ class StreamingManager:
     async def detach_worker(self, reason: str = SHUTDOWN_REASON) -> int:
         """Let this process go without closing streams: its clients are deregistered and told
         to reconnect (close code 4012). The number of clients released."""
-        self.config  # noqa: B018
+        self._check_initialized()
         local = [client for clients in self._local.values() for client in clients.values()]
         released = await self._registry.remove_worker_clients(self.worker_id)
         for ref in released:
@@ -404,7 +399,7 @@ class StreamingManager:
     async def get_client_lags(self, stream_id: str) -> dict[str, int]:
         """How many chunks each client is behind the stream's head (as of the last sweep in
         its process; this process's clients are current). Raises ``RESOURCE_NOT_FOUND``."""
-        self.config  # noqa: B018
+        self._check_initialized()
         if not await self._registry.stream_exists(stream_id):
             raise StreamError(
                 GMIErrorCode.RESOURCE_NOT_FOUND,
@@ -426,7 +421,7 @@ class StreamingManager:
         Lets an agent stop at once when a client cancels, without pushing first.
         Raises ``StreamError(RESOURCE_NOT_FOUND)``.
         """
-        self.config  # noqa: B018
+        self._check_initialized()
         watch = self._watches.get(stream_id)
         if watch is None:
             channel = await self.layer.layer.new_channel("streaming.watch.")
