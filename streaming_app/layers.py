@@ -60,6 +60,36 @@ class StreamLayer:
     def __init__(self, layer: ChannelLayer) -> None:
         self.layer = layer
 
+    def pubsub_group_prefix(self) -> tuple[str, str] | None:
+        """``(redis address, channel prefix)`` when the layer is channels_redis's pub/sub
+        layer on one Redis, sending plain msgpack: then a group's events can be published to
+        ``prefix + group`` by anyone on that Redis (the history does, in the same round trip
+        as the append). None for any other layer or setting, or if channels_redis changed."""
+        try:
+            from channels_redis.pubsub import RedisPubSubChannelLayer
+
+            layer: Any = self.layer
+            if not isinstance(layer, RedisPubSubChannelLayer):
+                return None
+            serializer = layer._serializer
+            hosts = layer._kwargs.get("hosts") or (layer._args[0] if layer._args else None)
+            if (
+                type(serializer).__name__ != "MsgPackSerializer"
+                or serializer.crypter is not None
+                or serializer.random_prefix_length
+                or not hosts
+                or len(hosts) != 1
+            ):
+                return None
+            host = hosts[0]
+            address = host.get("address") if isinstance(host, dict) else host
+            if not isinstance(address, str):
+                return None
+            prefix = layer._kwargs.get("prefix", "asgi")
+            return address, f"{prefix}__group__{GROUP_PREFIX}"
+        except (ImportError, AttributeError, IndexError, TypeError):
+            return None
+
     async def publish_chunk(self, stream_id: str, seq: int, chunk_json: str) -> None:
         await self._call(stream_id, "group_send", group_name(stream_id), {
             "type": CHUNK, "seq": seq, "chunk": chunk_json,

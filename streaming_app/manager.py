@@ -32,7 +32,7 @@ from .chunks import AgentOSResponse, ErrorChunk, encode_chunk
 from .clients import ChannelBridge, ChannelClient, StreamClient
 from .conf import StreamingManagerConfig, app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError
-from .history import History, StreamState
+from .history import AppendResult, History, StreamState
 from .layers import CLOSED, StreamLayer
 from .lifecycle import install_shutdown_hook
 from .models import STREAM_ID_PATTERN
@@ -83,6 +83,7 @@ class StreamingManager:
         self._sweeper: asyncio.Task[None] | None = None
         self._watches: dict[str, asyncio.Task[str]] = {}
         self._positions: dict[tuple[str, str], int] = {}
+        self._publish_prefix = ""
 
     # -- the seed's API -------------------------------------------------------------------
 
@@ -112,6 +113,10 @@ class StreamingManager:
             )
         self._layer = StreamLayer(layer)
         self._history = build_history()
+        # One round trip per push when the history's Redis is the pub/sub layer's Redis.
+        target = self._layer.pubsub_group_prefix()
+        serves = getattr(self._history, "serves", None)
+        self._publish_prefix = target[1] if target and serves and serves(target[0]) else ""
         self._config = config
 
     @property
@@ -526,8 +531,19 @@ class StreamingManager:
             chunk, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES
         )
         throw = raise_failures and config.on_client_send_error_behavior == "throw"
+        bridges = self._bridges.get(stream_id)
+        # The fast path publishes inside the append; plain clients in this process need the
+        # slow one, which registers their waiters between the two.
+        fast = bool(self._publish_prefix) and not bridges
+        result: AppendResult
         try:
-            result = await self.history.append(stream_id, chunk_json, take_failures=throw)
+            if fast:
+                result = await self.history.append_and_publish(  # type: ignore[attr-defined]
+                    stream_id, chunk_json, take_failures=throw,
+                    publish_to=self._publish_prefix + stream_id,
+                )  # fmt: skip
+            else:
+                result = await self.history.append(stream_id, chunk_json, take_failures=throw)
         except StreamError as exc:
             if exc.code is GMIErrorCode.RESOURCE_NOT_FOUND:
                 await self._history_lost(stream_id)
@@ -537,12 +553,13 @@ class StreamingManager:
         if result.seq is None:
             raise _send_failed(stream_id, result.failed_clients, pushed=False)
         seq = result.seq
+        self.stats["chunks_pushed"] += 1
+        if fast:
+            return seq
         # Wait for this process's bridged clients: registered before publishing, so a bridge
         # that is quicker than us still reports to the waiter.
-        bridges = self._bridges.get(stream_id)
         waiters = {cid: b.delivered(seq) for cid, b in bridges.items()} if bridges else {}
         await self.layer.publish_chunk(stream_id, seq, chunk_json)
-        self.stats["chunks_pushed"] += 1
         if waiters:
             done, pending = await asyncio.wait(
                 waiters.values(), timeout=app_settings.DELIVERY_TIMEOUT_SECONDS

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
@@ -42,8 +43,14 @@ end
 local seq = redis.call('HINCRBY', meta, 'head', 1)
 redis.call('HSET', meta, 'last_activity', ARGV[2])
 redis.call('XADD', log, 'MAXLEN', ARGV[3], seq .. '-0', 't', ARGV[2], 'c', ARGV[1])
-redis.call('EXPIRE', meta, ARGV[4])
-redis.call('EXPIRE', log, ARGV[4])
+if seq % 64 == 1 then  -- refreshing the keys' lifetime now and then is enough
+  redis.call('EXPIRE', meta, ARGV[4])
+  redis.call('EXPIRE', log, ARGV[4])
+end
+if ARGV[6] ~= '' then
+  -- fan-out in the same round trip: the event as channels_redis's pub/sub layer sends it
+  redis.call('PUBLISH', ARGV[6], cmsgpack.pack({type = 'stream.chunk', seq = seq, chunk = ARGV[1]}))
+end
 return {seq}
 """
 
@@ -88,6 +95,10 @@ class RedisHistory:
             max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
         )
 
+    def serves(self, address: str) -> bool:
+        """Whether ``address`` (a Redis URL) is the server this history uses."""
+        return _server(address) == _server(self.url)
+
     def _client(self) -> tuple[Redis, AsyncScript, AsyncScript]:
         # redis-py's connections belong to the loop that opened them: one client per loop.
         loop = asyncio.get_running_loop()
@@ -114,9 +125,17 @@ class RedisHistory:
             await pipe.execute()
 
     async def append(self, stream_id: str, chunk_json: str, *, take_failures: bool) -> AppendResult:
+        return await self.append_and_publish(stream_id, chunk_json, take_failures=take_failures)
+
+    async def append_and_publish(
+        self, stream_id: str, chunk_json: str, *, take_failures: bool, publish_to: str = ""
+    ) -> AppendResult:
+        """``append``, and when ``publish_to`` names a Redis pub/sub channel, publish the
+        ``stream.chunk`` event there in the same round trip."""
         _, append, _ = self._client()
         args: list[str | int | float] = [
             chunk_json, time.time(), self.max_chunks, OPEN_TTL_SECONDS, int(take_failures),
+            publish_to,
         ]  # fmt: skip
         result: list[Any] = await append(keys=_keys(stream_id), args=args)
         status = int(result[0])
@@ -209,6 +228,11 @@ class RedisHistory:
     async def forget(self, stream_id: str) -> None:
         client, _, _ = self._client()
         await client.delete(*_keys(stream_id))
+
+
+def _server(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return (parts.hostname or "localhost", parts.port or 6379)
 
 
 def _text(value: Any) -> str:

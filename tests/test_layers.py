@@ -1,0 +1,76 @@
+"""The channel-layer adapter, and one push per Redis round trip on the pub/sub layer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from channels.layers import InMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer
+from channels_redis.pubsub import RedisPubSubChannelLayer
+from django.test import override_settings
+
+from streaming_app.layers import StreamLayer, control_group_name, group_name
+from streaming_app.manager import StreamingManager, get_streaming_manager
+
+from .conftest import RecordingClient, delta, eventually
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_group_names() -> None:
+    assert group_name("abc") == "streaming.abc"
+    assert control_group_name("abc") == "streaming.abc.control"
+
+
+def test_the_pubsub_fast_path_is_recognised_only_where_it_is_safe() -> None:
+    address = "redis://127.0.0.1:6390/0"
+    plain = RedisPubSubChannelLayer(hosts=[{"address": address}])
+    assert StreamLayer(plain).pubsub_group_prefix() == (address, "asgi__group__streaming.")
+    prefixed = RedisPubSubChannelLayer(hosts=[address], prefix="site")
+    assert StreamLayer(prefixed).pubsub_group_prefix() == (address, "site__group__streaming.")
+    for layer in (
+        RedisPubSubChannelLayer(hosts=[address], symmetric_encryption_keys=["secret"]),
+        RedisPubSubChannelLayer(hosts=[address, "redis://127.0.0.1:6391/0"]),
+        RedisChannelLayer(hosts=[address]),
+        InMemoryChannelLayer(),
+    ):
+        assert StreamLayer(layer).pubsub_group_prefix() is None
+
+
+@pytest.fixture
+async def redis_manager(redis_url: str) -> AsyncIterator[StreamingManager]:
+    layers = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                          "CONFIG": {"hosts": [{"address": redis_url}]}}}  # fmt: skip
+    streaming: dict[str, Any] = {
+        "HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
+        "REDIS_URL": redis_url,
+    }
+    with override_settings(CHANNEL_LAYERS=layers, STREAMING_APP=streaming):
+        manager = get_streaming_manager()
+        yield manager
+        await manager.shutdown()
+
+
+async def test_a_push_appends_and_publishes_in_one_round_trip(
+    redis_manager: StreamingManager,
+) -> None:
+    manager = redis_manager
+    assert manager._publish_prefix == "asgi__group__streaming."
+    stream_id = await manager.create_stream()
+    # A client in another process: its own channel, joined to the group, read directly.
+    layer = manager.layer.layer
+    channel = await layer.new_channel()
+    await manager.layer.join(stream_id, channel)
+    seqs = [await manager.push_chunk(stream_id, delta(stream_id, str(i))) for i in range(5)]
+    events = [await layer.receive(channel) for _ in range(5)]
+    assert [e["seq"] for e in events] == seqs == [1, 2, 3, 4, 5]
+    assert [e["type"] for e in events] == ["stream.chunk"] * 5
+    assert '"text_delta":"3"' in events[3]["chunk"]
+    # With a plain client in this process, pushes take the path that waits for it.
+    client = RecordingClient("local")
+    await manager.register_client(stream_id, client)
+    await manager.push_chunk(stream_id, delta(stream_id, "late"))
+    await eventually(lambda: client.texts[-1:] == ["late"])
+    assert client.texts == ["0", "1", "2", "3", "4", "late"]
