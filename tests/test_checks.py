@@ -41,6 +41,7 @@ def test_defaults_pass() -> None:
         ({"MAX_STREAMS": 5}, "streaming_app.E016"),
         ({"CHANNEL_LAYER": "other"}, "streaming_app.E017"),
         ({"AGENT": "streaming_app.agents.nope"}, "streaming_app.E018"),
+        ({"SSE_KEEPALIVE_SECONDS": 0}, "streaming_app.E019"),
     ],
 )
 def test_each_bad_value_has_its_own_check(setting: Any, check_id: str) -> None:
