@@ -92,6 +92,18 @@ async def eventually(predicate: Any, timeout: float = 5.0) -> None:
 
 
 @pytest.fixture
+async def session_key(transactional_db: None) -> str:
+    """The key of a real (database) session, as a browser's cookie would carry."""
+    from asgiref.sync import sync_to_async
+    from django.contrib.sessions.backends.db import SessionStore
+
+    store = SessionStore()
+    await sync_to_async(store.create)()
+    assert store.session_key is not None
+    return store.session_key
+
+
+@pytest.fixture
 def redis_url(redis_proc: Any) -> str:
     """A URL of this test session's own redis-server (pytest-redis, a free port), emptied."""
     import redis

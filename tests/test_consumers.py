@@ -58,14 +58,6 @@ class Peer:
 
 
 @pytest.fixture
-async def session_key(transactional_db: None) -> str:
-    store = SessionStore()
-    await sync_to_async(store.create)()
-    assert store.session_key is not None
-    return store.session_key
-
-
-@pytest.fixture
 async def peers() -> AsyncIterator[list[WebsocketCommunicator]]:
     opened: list[WebsocketCommunicator] = []
     yield opened

@@ -162,6 +162,14 @@ async def test_deregister_reaches_a_client_in_another_worker(
     assert frames[-1]["reason"] == "deregistered"
 
 
+def race(code: str, *, env: dict[str, str], processes: int = 4) -> int:
+    """Run ``code`` in several processes at once; the sum of the numbers they print last."""
+    started = [start_python(code, env=env) for _ in range(processes)]
+    outputs = [p.communicate(timeout=60) for p in started]
+    assert all(p.returncode == 0 for p in started), [err for _, err in outputs]
+    return sum(int(out.strip().splitlines()[-1]) for out, _ in outputs)
+
+
 def test_global_limits_hold_across_racing_processes(env: dict[str, str]) -> None:
     racing = with_settings(env, MAX_CONCURRENT_STREAMS=7)
     create = (
@@ -174,10 +182,7 @@ def test_global_limits_hold_across_racing_processes(env: dict[str, str]) -> None
         "    print(sum(isinstance(r, str) for r in results))\n"
         "asyncio.run(main())\n"
     )
-    processes = [start_python(create, env=racing) for _ in range(4)]
-    outputs = [p.communicate(timeout=60) for p in processes]
-    assert all(p.returncode == 0 for p in processes), [err for _, err in outputs]
-    assert sum(int(out.strip().splitlines()[-1]) for out, _ in outputs) == 7
+    assert race(create, env=racing) == 7
     assert manager_call(racing, "out = len(await m.get_active_stream_ids())") == 7
 
 
@@ -197,10 +202,7 @@ def test_client_limit_holds_across_racing_processes(env: dict[str, str]) -> None
         "    m.cancel_background()  # the clients die with this process; no sweeper needed\n"
         "asyncio.run(main())\n"
     )
-    processes = [start_python(register, env=racing) for _ in range(4)]
-    outputs = [p.communicate(timeout=60) for p in processes]
-    assert all(p.returncode == 0 for p in processes), [err for _, err in outputs]
-    assert sum(int(out.strip().splitlines()[-1]) for out, _ in outputs) == 5
+    assert race(register, env=racing) == 5
     assert manager_call(racing, f"out = await m.get_client_count_for_stream({sid!r})") == 5
 
 

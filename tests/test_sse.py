@@ -28,14 +28,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 application = URLRouter(sse_urlpatterns)
 
 
-@pytest.fixture
-async def session_key(transactional_db: None) -> str:
-    store = SessionStore()
-    await sync_to_async(store.create)()
-    assert store.session_key is not None
-    return store.session_key
-
-
 def parse(body: bytes) -> list[dict[str, Any]]:
     """SSE events as dicts of their fields (``data`` decoded from JSON)."""
     events = []
