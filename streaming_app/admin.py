@@ -46,6 +46,14 @@ class CloseForm(forms.Form):
     )
 
 
+def head_seq(stream: Stream) -> int:
+    """The stream's last seq: from the history when it holds the stream (always with Redis),
+    else the count the sweeper last copied to the row."""
+    states = async_to_sync(get_streaming_manager().history.states)([stream.pk])
+    state = states.get(stream.pk)
+    return max(state.head_seq, stream.chunk_count) if state is not None else stream.chunk_count
+
+
 class AgeFilter(admin.SimpleListFilter):
     title = _("age")
     parameter_name = "age"
@@ -77,10 +85,15 @@ class StreamClientInline(_ClientInline):
               "send_failures", "lag", "worker_id")  # fmt: skip
     readonly_fields = fields
     verbose_name_plural = _("connected clients")
+    head_seq = 0  # set per request by StreamAdmin.get_inline_instances
 
     @admin.display(description=_("lag (chunks)"))
     def lag(self, client: StreamClient) -> int:
-        return max(0, client.stream.chunk_count - client.delivered_seq)
+        """Chunks pushed that the client has not received (as of its worker's last sweep)."""
+        return max(0, self.head_seq - client.delivered_seq)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[StreamClient]:
+        return super().get_queryset(request).select_related("user")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -88,7 +101,7 @@ class StreamClientInline(_ClientInline):
 
 @admin.register(Stream)
 class StreamAdmin(_StreamAdmin):
-    list_display = ("id", "status", "owner", "created_at", "last_activity_at", "age",
+    list_display = ("id", "status_cell", "owner", "created_at", "last_activity_at", "age",
                     "clients_connected", "chunks_pushed", "close_reason")  # fmt: skip
     list_filter = ("status", AgeFilter)
     search_fields = ("id", "owner__username", "metadata")
@@ -103,6 +116,13 @@ class StreamAdmin(_StreamAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Stream]:
         return super().get_queryset(request).annotate(clients_count=Count("clients"))
+
+    @admin.display(description=_("status"), ordering="status")
+    def status_cell(self, stream: Stream) -> str:
+        return format_html(
+            '<span data-stream="{}" data-field="status">{}</span>',
+            stream.pk, stream.get_status_display(),
+        )  # fmt: skip
 
     @admin.display(description=_("age"))
     def age(self, stream: Stream) -> str:
@@ -124,15 +144,27 @@ class StreamAdmin(_StreamAdmin):
     @admin.display(description=_("last chunks (from history)"))
     def recent_chunks(self, stream: Stream) -> str:
         history = get_streaming_manager().history
-        state = async_to_sync(history.states)([stream.pk]).get(stream.pk)
-        head = state.head_seq if state is not None else stream.chunk_count
+        head = head_seq(stream)
         replay = async_to_sync(history.read_after)(stream.pk, max(0, head - RECENT_CHUNKS))
         if not replay.entries:
+            if head == 0:
+                return str(_("No chunks were pushed."))
             return str(_("History holds no chunks of this stream in this process."))
         items = format_html_join(
             "", '<li value="{}"><code>{}</code></li>', ((s, t[:300]) for s, t in replay.entries)
         )
         return format_html("<ol>{}</ol>", items)
+
+    def get_inline_instances(
+        self, request: HttpRequest, obj: Stream | None = None
+    ) -> list[admin.options.InlineModelAdmin[Any, Any]]:
+        inlines = super().get_inline_instances(request, obj)
+        if obj is not None:  # one history read per page, not one per client row
+            head = head_seq(obj)
+            for inline in inlines:
+                if isinstance(inline, StreamClientInline):
+                    inline.head_seq = head
+        return inlines
 
     # -- permissions ----------------------------------------------------------------
 
@@ -168,8 +200,17 @@ class StreamAdmin(_StreamAdmin):
             return TemplateResponse(
                 request, "admin/streaming_app/stream/close_confirmation.html", context
             )
-        self._close(request, list(queryset.filter(status=Stream.Status.ACTIVE)),
-                    form.cleaned_data["reason"])  # fmt: skip
+        streams = list(queryset)
+        active = [stream for stream in streams if stream.is_active]
+        self._close(request, active, form.cleaned_data["reason"])
+        if len(active) < len(streams):
+            skipped = len(streams) - len(active)
+            self.message_user(
+                request,
+                ngettext("%d stream was closed already.", "%d streams were closed already.",
+                         skipped) % skipped,
+                messages.INFO,
+            )  # fmt: skip
         return None
 
     def close_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
@@ -178,6 +219,9 @@ class StreamAdmin(_StreamAdmin):
             raise PermissionDenied
         stream = get_object_or_404(Stream, pk=object_id)
         change_url = reverse("admin:streaming_app_stream_change", args=[stream.pk])
+        if not stream.is_active:
+            self.message_user(request, _("This stream was closed already."), messages.INFO)
+            return HttpResponseRedirect(change_url)
         form = CloseForm(request.POST if request.method == "POST" else None)
         if form.is_valid():
             self._close(request, [stream], form.cleaned_data["reason"])
@@ -204,11 +248,12 @@ class StreamAdmin(_StreamAdmin):
                 self.message_user(request, f"{stream.pk}: {exc.message}", messages.ERROR)
                 continue
             closed += 1
-        self.message_user(
-            request,
-            ngettext("Closed %d stream.", "Closed %d streams.", closed) % closed,
-            messages.SUCCESS,
-        )
+        if closed:
+            self.message_user(
+                request,
+                ngettext("Closed %d stream.", "Closed %d streams.", closed) % closed,
+                messages.SUCCESS,
+            )
 
     # -- live counts ----------------------------------------------------------------
 
@@ -221,7 +266,7 @@ class StreamAdmin(_StreamAdmin):
         return JsonResponse({
             "active": Stream.objects.filter(status=Stream.Status.ACTIVE).count(),
             "streams": {s.pk: {"clients": s.clients_count, "chunks": s.chunk_count,
-                               "status": s.status} for s in rows},
+                               "status": s.get_status_display()} for s in rows},
         })  # fmt: skip
 
     def get_urls(self) -> list[URLPattern]:

@@ -490,6 +490,8 @@ class StreamingManager:
         for ref in await self._registry.reap_dead_clients(
             timedelta(seconds=app_settings.CLIENT_TIMEOUT_SECONDS), dry_run=dry_run
         ):
+            if dry_run and ref.worker_id == self.worker_id:
+                continue  # a real sweep heartbeats its own clients first: they would stay
             logger.warning(
                 "reaped client %s of stream %s: worker %s stopped sending heartbeats",
                 ref.client_id, ref.stream_id, ref.worker_id,

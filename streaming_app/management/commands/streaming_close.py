@@ -8,6 +8,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
+from streaming_app.exceptions import GMIError
 from streaming_app.manager import get_streaming_manager
 from streaming_app.models import Stream
 
@@ -20,12 +21,26 @@ class Command(BaseCommand):
         parser.add_argument("--reason", default="Closed by an operator")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        ids: list[str] = options["stream_ids"]
-        known = set(Stream.objects.filter(pk__in=ids).values_list("id", flat=True))
-        missing = [i for i in ids if i not in known]
+        ids = list(dict.fromkeys(options["stream_ids"]))
+        reason: str = options["reason"]
+        if not reason.strip():
+            raise CommandError("--reason must not be empty: every client is shown it.")
+        status = dict(Stream.objects.filter(pk__in=ids).values_list("id", "status"))
+        missing = [i for i in ids if i not in status]
         if missing:  # refuse before closing anything: nothing half-done
             raise CommandError(f"No such stream: {', '.join(missing)}")
         manager = get_streaming_manager()
+        failed: list[str] = []
         for stream_id in ids:
-            async_to_sync(manager.close_stream)(stream_id, options["reason"])
+            if status[stream_id] != Stream.Status.ACTIVE:
+                self.stdout.write(f"{stream_id} was closed already")
+                continue
+            try:
+                async_to_sync(manager.close_stream)(stream_id, reason)
+            except GMIError as exc:  # e.g. the backend is down: try the others, then fail
+                failed.append(stream_id)
+                self.stderr.write(f"Could not close {stream_id}: {exc.message}")
+                continue
             self.stdout.write(f"Closed {stream_id}")
+        if failed:
+            raise CommandError(f"{len(failed)} stream(s) not closed: {', '.join(failed)}")

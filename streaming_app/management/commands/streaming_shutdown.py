@@ -24,15 +24,20 @@ class Command(BaseCommand):
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--reason", default=SHUTDOWN_REASON)
         parser.add_argument(
-            "--timeout", type=float, default=60.0, help="Give up after this many seconds."
+            "--timeout",
+            type=float,
+            default=60.0,
+            help="Start no new close after this many seconds; streams left count as failures.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["timeout"] <= 0:
+        if not options["timeout"] > 0:  # also refuses nan
             raise CommandError("--timeout must be a positive number of seconds.")
+        if not options["reason"].strip():
+            raise CommandError("--reason must not be empty: every client is shown it.")
+        deadline = time.monotonic() + options["timeout"]
         manager = get_streaming_manager()
         ids = async_to_sync(manager.get_active_stream_ids)()
-        deadline = time.monotonic() + options["timeout"]
         failed: list[str] = []
         self.stdout.write(f"Closing {len(ids)} active stream(s)...")
         for index, stream_id in enumerate(ids, 1):

@@ -15,7 +15,7 @@
         box.querySelector("[data-field=active]").textContent = data.active;
         cells.forEach(function (cell) {
           var row = data.streams[cell.dataset.stream];
-          if (row) cell.textContent = row[cell.dataset.field];
+          if (row && cell.dataset.field in row) cell.textContent = row[cell.dataset.field];
         });
       })
       .catch(function () {});

@@ -1,0 +1,115 @@
+"""The sweeper: idle streams are closed without anyone calling anything, with the config
+default or a per-stream timeout, once however many sweepers race; dead workers' clients go."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from django.test import override_settings
+from django.utils import timezone
+
+from streaming_app.manager import StreamingManager, get_streaming_manager
+from streaming_app.models import Stream, StreamClient
+
+from .conftest import RecordingClient, delta, eventually
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def reasons() -> dict[str, str]:
+    return {s.id: s.close_reason async for s in Stream.objects.filter(status="closed")}
+
+
+@override_settings(
+    STREAMING_APP={"DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": 100, "SWEEP_INTERVAL_SECONDS": 0.05}
+)
+async def test_background_sweeper_closes_an_idle_stream_and_tells_its_clients() -> None:
+    manager = get_streaming_manager()
+    idle = await manager.create_stream("idle")
+    patient = await manager.create_stream("patient", inactivity_timeout_ms=60_000)
+    watcher, other = RecordingClient("watcher"), RecordingClient("other")
+    await manager.register_client(idle, watcher)  # starts this process's sweeper
+    await manager.register_client(patient, other)
+    await eventually(lambda: watcher.closed_reasons)  # nobody calls close or sweep
+    assert watcher.closed_reasons == ["Closed after 0.1 s of inactivity"]
+    assert await reasons() == {idle: "Closed after 0.1 s of inactivity"}
+    assert await manager.get_active_stream_ids() == [patient]
+    assert other.closed_reasons == []
+    await manager.shutdown()
+
+
+@override_settings(STREAMING_APP={"DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": 60_000})
+async def test_a_shorter_per_stream_timeout_wins_over_the_default() -> None:
+    manager = get_streaming_manager()
+    quick = await manager.create_stream("quick", inactivity_timeout_ms=50)
+    normal = await manager.create_stream("normal")
+    await asyncio.sleep(0.1)
+    report = await manager.sweep()
+    assert report.closed_idle == [quick]
+    assert await reasons() == {quick: "Closed after 0.05 s of inactivity"}
+    assert await manager.get_active_stream_ids() == [normal]
+
+
+@override_settings(STREAMING_APP={"DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": 50})
+async def test_a_longer_per_stream_timeout_and_pushes_keep_a_stream_open() -> None:
+    manager = get_streaming_manager()
+    idle = await manager.create_stream("idle")
+    patient = await manager.create_stream("patient", inactivity_timeout_ms=60_000)
+    quiet = await manager.create_stream("quiet", inactivity_timeout_ms=500)
+    busy = await manager.create_stream("busy", inactivity_timeout_ms=500)
+    await asyncio.sleep(0.6)  # every stream but patient is past its timeout...
+    await manager.push_chunk(busy, delta(busy, "still here"))  # ...until busy speaks
+    report = await manager.sweep()
+    assert sorted(report.closed_idle) == [idle, quiet]
+    assert await reasons() == {
+        idle: "Closed after 0.05 s of inactivity",
+        quiet: "Closed after 0.5 s of inactivity",
+    }
+    assert sorted(await manager.get_active_stream_ids()) == [busy, patient]
+    row = await Stream.objects.aget(pk=busy)
+    assert row.chunk_count == 1  # the sweep copied the activity to the row
+
+
+@override_settings(STREAMING_APP={"DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": 50})
+async def test_racing_sweepers_close_each_stream_once() -> None:
+    first = get_streaming_manager()
+    others = [StreamingManager() for _ in range(2)]  # other processes' managers
+    for other in others:
+        await other.initialize()
+        other._history = first.history  # what they would share through Redis
+    ids = [await first.create_stream(f"s-{i}") for i in range(3)]
+    clients = [RecordingClient(f"tab-{i}") for i in range(3)]
+    for stream_id, client in zip(ids, clients, strict=True):
+        await first.register_client(stream_id, client)
+    await asyncio.sleep(0.1)
+    sweepers = [first, *others]
+    await asyncio.gather(*(m.sweep() for m in sweepers * 2))
+    await eventually(lambda: all(c.closed_reasons for c in clients))
+    await asyncio.sleep(0.05)  # a second notice would have arrived by now
+    assert [c.closed_reasons for c in clients] == [["Closed after 0.05 s of inactivity"]] * 3
+    assert sum(m.stats["streams_closed"] for m in sweepers) == 3  # one close per stream
+    assert await first.get_active_stream_ids() == []
+    await first.shutdown()
+
+
+@override_settings(STREAMING_APP={"CLIENT_TIMEOUT_SECONDS": 1.0})
+async def test_sweep_keeps_its_own_clients_and_reaps_a_dead_workers() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("s-1")
+    await manager.register_client(stream_id, RecordingClient("mine"))
+    old = timezone.now() - timedelta(minutes=1)
+    await StreamClient.objects.acreate(
+        stream_id=stream_id, client_id="ghost", channel_name="gone", worker_id="dead:1:x",
+        last_seen_at=old,
+    )  # fmt: skip
+    await StreamClient.objects.filter(client_id="mine").aupdate(last_seen_at=old)
+    assert await manager.get_client_count_for_stream(stream_id) == 2
+    dry = await manager.sweep(dry_run=True)
+    assert dry.reaped_clients == [(stream_id, "ghost")]  # as the real sweep will say
+    assert await manager.get_client_count_for_stream(stream_id) == 2  # a dry run changes nothing
+    report = await manager.sweep()  # heartbeats its own client first
+    assert report.reaped_clients == [(stream_id, "ghost")]
+    assert await manager.get_client_count_for_stream(stream_id) == 1
+    await manager.shutdown()
