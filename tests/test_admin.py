@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission, User
 from django.test import Client
+from django.utils import timezone
 
 from streaming_app.manager import get_streaming_manager
-from streaming_app.models import Stream
+from streaming_app.models import Stream, StreamClient
+from streaming_app.protocol import CloseCode
+from streaming_app.routing import websocket_urlpatterns
 
 from .conftest import RecordingClient, delta, eventually
 
@@ -137,3 +144,96 @@ async def test_streams_cannot_be_added_edited_or_deleted_in_the_admin() -> None:
     assert (await sync_to_async(client.get)(CHANGELIST + "add/")).status_code == 403
     assert (await sync_to_async(client.get)(f"{CHANGELIST}{stream_id}/delete/")).status_code == 403
     assert "delete_selected" not in (await sync_to_async(client.get)(CHANGELIST)).content.decode()
+
+
+async def test_age_filter_and_owner_search() -> None:
+    manager = get_streaming_manager()
+    owner = await User.objects.acreate_user("alice", password="pw")
+    await manager.create_stream("new-1", owner=owner)
+    await manager.create_stream("old-1")
+    await Stream.objects.filter(pk="old-1").aupdate(created_at=timezone.now() - timedelta(days=2))
+    client = await sync_to_async(superuser)()
+    get = sync_to_async(client.get)
+
+    async def listed(**query: str) -> set[str]:
+        page = (await get(CHANGELIST, query)).content.decode()
+        return {s for s in ("new-1", "old-1") if f'data-stream="{s}"' in page}
+
+    assert await listed(age="1h") == {"new-1"}
+    assert await listed(age="1d") == {"new-1"}
+    assert await listed(age="old") == {"old-1"}
+    assert await listed(q="alice") == {"new-1"}
+    assert await listed(q="old-1") == {"old-1"}
+
+
+async def test_change_page_shows_lag_and_says_when_history_lacks_the_chunks() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("s-1")
+    await manager.register_client(stream_id, RecordingClient("tab-1"))
+    for text in ("a", "b", "c"):
+        await manager.push_chunk(stream_id, delta(stream_id, text))
+    await StreamClient.objects.filter(client_id="tab-1").aupdate(delivered_seq=1)
+    client = await sync_to_async(superuser)()
+    url = f"{CHANGELIST}s-1/change/"
+    page = (await sync_to_async(client.get)(url)).content.decode()
+    assert re.search(r'class="field-lag">\s*<p>2</p>', page), "3 pushed, 1 delivered: lag 2"
+    # Another process's memory history: the row knows chunks were pushed, history has none.
+    await manager.sweep()
+    await manager.history.forget(stream_id)
+    page = (await sync_to_async(client.get)(url)).content.decode()
+    assert "History holds no chunks of this stream in this process." in page
+    fresh = await manager.create_stream("s-2")
+    page = (await sync_to_async(client.get)(f"{CHANGELIST}{fresh}/change/")).content.decode()
+    assert "No chunks were pushed." in page
+
+
+async def test_admin_close_reaches_a_websocket_client() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("s-1")
+    await manager.push_chunk(stream_id, delta(stream_id, "hello"))
+    root = await User.objects.acreate_superuser("root", password="pw")
+    communicator = WebsocketCommunicator(
+        URLRouter(websocket_urlpatterns), f"/ws/streams/{stream_id}/"
+    )
+    communicator.scope["user"] = root
+    connected, _ = await communicator.connect()
+    assert connected
+    try:
+        frames = [await communicator.receive_json_from() for _ in range(2)]
+        assert [f["type"] for f in frames] == ["subscribed", "chunk"]
+        client = Client()
+        await sync_to_async(client.force_login)(root)
+        await sync_to_async(client.post)(f"{CHANGELIST}s-1/close/", {"reason": "Abuse report"})
+        assert await communicator.receive_json_from() == {
+            "type": "closed", "reason": "Abuse report", "last_seq": 1,
+        }  # fmt: skip
+        output = await communicator.receive_output()
+        assert output == {"type": "websocket.close", "code": CloseCode.STREAM_CLOSED}
+    finally:
+        await communicator.disconnect()
+
+
+async def test_closing_closed_streams_says_so() -> None:
+    manager = get_streaming_manager()
+    for stream_id in ("open-1", "done-1"):
+        await manager.create_stream(stream_id)
+    await manager.close_stream("done-1", "finished")
+    client = await sync_to_async(superuser)()
+    post, get = sync_to_async(client.post), sync_to_async(client.get)
+    form = {"action": "close_streams", "_selected_action": ["open-1", "done-1"], "reason": "x"}
+    page = (await post(CHANGELIST, form, follow=True)).content.decode()
+    assert "Closed 1 stream." in page and "1 stream was closed already." in page
+    assert (await Stream.objects.aget(pk="done-1")).close_reason == "finished"
+    change = (await get(f"{CHANGELIST}done-1/change/")).content.decode()
+    assert "close-stream-button" not in change
+    page = (await get(f"{CHANGELIST}done-1/close/", follow=True)).content.decode()
+    assert "This stream was closed already." in page
+
+
+async def test_live_counts_need_the_view_permission() -> None:
+    await get_streaming_manager().create_stream("s-1")
+    nobody = await sync_to_async(staff)("nobody")
+    user = await User.objects.aget(username="nobody")
+    await sync_to_async(user.user_permissions.clear)()
+    live = await sync_to_async(nobody.get)(CHANGELIST + "live/", {"id": ["s-1"]})
+    assert live.status_code == 403

@@ -9,12 +9,17 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 from django.utils import timezone
 
 from streaming_app.manager import get_streaming_manager
 from streaming_app.models import Stream, StreamClient
+from streaming_app.protocol import CloseCode
+from streaming_app.routing import websocket_urlpatterns
 
 from .conftest import RecordingClient, delta, eventually
 
@@ -143,3 +148,53 @@ def test_prune_deletes_old_closed_streams() -> None:
     for bad in ("7", "soon", "-1d"):
         with pytest.raises(CommandError, match="Invalid duration"):
             run("streaming_prune", f"--older-than={bad}")
+
+
+async def test_shutdown_tells_websocket_clients_to_reconnect_with_their_cursor() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("chat-1")
+    for text in ("a", "b"):
+        await manager.push_chunk(stream_id, delta(stream_id, text))
+    root = await User.objects.acreate_superuser("root", password="pw")
+    communicator = WebsocketCommunicator(
+        URLRouter(websocket_urlpatterns), f"/ws/streams/{stream_id}/"
+    )
+    communicator.scope["user"] = root
+    assert (await communicator.connect())[0]
+    plain = RecordingClient("plain")
+    await manager.register_client(stream_id, plain)
+    try:
+        frames = [await communicator.receive_json_from() for _ in range(3)]
+        assert [f["type"] for f in frames] == ["subscribed", "chunk", "chunk"]
+        out = await sync_to_async(run)("streaming_shutdown", "--reason", "deploy 42")
+        assert "All 1 stream(s) closed." in out
+        assert await communicator.receive_json_from() == {
+            "type": "reconnect", "reason": "deploy 42", "last_seq": 2,
+        }  # fmt: skip
+        output = await communicator.receive_output()
+        assert output == {"type": "websocket.close", "code": CloseCode.SERVICE_RESTART}
+        await eventually(lambda: plain.closed_reasons == ["deploy 42"])
+    finally:
+        await communicator.disconnect()
+
+
+def test_shutdown_past_its_timeout_fails_without_half_closing() -> None:
+    ids = [create() for _ in range(2)]
+    err = StringIO()
+    # The deadline passes while the streams are being listed: nothing may be started.
+    with pytest.raises(CommandError, match="2 stream\\(s\\) not closed"):
+        call_command("streaming_shutdown", "--timeout", "1e-9", stdout=StringIO(), stderr=err)
+    assert "Timed out with 2 stream(s) left." in err.getvalue()
+    assert Stream.objects.filter(pk__in=ids, status="active").count() == 2
+    with pytest.raises(CommandError, match="--reason must not be empty"):
+        run("streaming_shutdown", "--reason", " ")
+
+
+def test_close_says_which_were_closed_already() -> None:
+    create("open")
+    async_to_sync(get_streaming_manager().close_stream)(create("done"), "finished")
+    out = run("streaming_close", "done", "open", "open")
+    assert out == "done was closed already\nClosed open\n"
+    assert Stream.objects.get(pk="done").close_reason == "finished"
+    with pytest.raises(CommandError, match="--reason must not be empty"):
+        run("streaming_close", "open", "--reason", "")
