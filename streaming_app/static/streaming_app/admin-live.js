@@ -4,6 +4,7 @@
   var box = document.getElementById("streaming-live");
   if (!box) return;
   function refresh() {
+    if (document.hidden) return;  // no polling from a background tab
     var cells = document.querySelectorAll("[data-stream]");
     var ids = {}, query = [];
     cells.forEach(function (cell) { ids[cell.dataset.stream] = true; });
