@@ -16,20 +16,25 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
+from streaming_app.lifecycle import StreamingLifecycle  # noqa: E402
 from streaming_app.routing import sse_urlpatterns, websocket_urlpatterns  # noqa: E402
 
 # The demo serves its static files itself when DEBUG is on (as runserver does); in production
 # run collectstatic and let the web server in front of Daphne serve STATIC_ROOT.
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
 
-application = ProtocolTypeRouter(
-    {
-        # Server-Sent Events first (they need the session and user), then Django.
-        "http": AuthMiddlewareStack(
-            URLRouter([*sse_urlpatterns, re_path(r"", http_app)])  # type: ignore[arg-type]
-        ),
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
-    }
+# StreamingLifecycle: lifespan events where the server sends them, and under Daphne a SIGTERM
+# that first tells this worker's clients to reconnect.
+application = StreamingLifecycle(
+    ProtocolTypeRouter(
+        {
+            # Server-Sent Events first (they need the session and user), then Django.
+            "http": AuthMiddlewareStack(
+                URLRouter([*sse_urlpatterns, re_path(r"", http_app)])  # type: ignore[arg-type]
+            ),
+            "websocket": AllowedHostsOriginValidator(
+                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            ),
+        }
+    )
 )

@@ -1,26 +1,30 @@
-"""The ``StreamClient`` contract, in-order delivery with repair, and the bridge for plain objects.
+"""The ``StreamClient`` contract, in-order delivery with repair, and the one owner of a client.
 
-Clients that live on the channel layer themselves (the WebSocket and SSE consumers) satisfy
-``ChannelClient``. Any other object that satisfies ``StreamClient`` is carried by a
-``ChannelBridge``: a channel of its own in the registering process, so pushes from any process
-reach it in order.
+A :class:`Follower` is one client of one stream in this process, from registration to release:
+the transports (the WebSocket consumer, the SSE response, and the :class:`ChannelBridge` that
+carries any other object satisfying ``StreamClient``) are Followers. They share one handler of
+stream events and one release path, which each runs in a ``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from .auth import authorize_subscribe
 from .chunks import AgentOSResponse, encode_chunk, parse_chunk
 from .conf import app_settings
+from .exceptions import GMIError, GMIErrorCode, StreamError
 from .history import History
-from .layers import CHUNK, CLOSED, DEREGISTERED, SYNC, ChannelLayer
-from .protocol import ServerFrame, chunk_frame, frame
+from .layers import ChannelLayer, Inbox
+from .protocol import CloseCode, ServerFrame, chunk_frame, frame
+
+if TYPE_CHECKING:
+    from .manager import StreamingManager
+    from .worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +41,6 @@ class StreamClient(Protocol):
     async def notify_stream_closed(self, reason: str | None = None) -> None: ...
 
     def is_active(self) -> bool: ...
-
-
-@runtime_checkable
-class ChannelClient(StreamClient, Protocol):
-    """A client that receives stream events on its own Channels channel (a consumer)."""
-
-    channel_name: str
-    transport: str
-
-    @property
-    def user_id(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -102,18 +95,67 @@ class Delivery:
         return items
 
 
-class Follower:
-    """What every transport's client shares: who it is, how far it has been served, and the
-    frames it sends (a mixin for the WebSocket consumer and the SSE response)."""
+CLOSE_CODE_FOR_ERROR: dict[GMIErrorCode, CloseCode] = {
+    GMIErrorCode.INVALID_ARGUMENT: CloseCode.BAD_REQUEST,
+    GMIErrorCode.RESOURCE_NOT_FOUND: CloseCode.NOT_FOUND,
+    GMIErrorCode.STREAM_CLOSED: CloseCode.STREAM_GONE,
+    GMIErrorCode.PERMISSION_DENIED: CloseCode.FORBIDDEN,
+    GMIErrorCode.RATE_LIMIT_EXCEEDED: CloseCode.STREAM_FULL,
+}
 
+
+def item_frames(items: list[Chunk | Gap]) -> list[tuple[ServerFrame, int | None, str]]:
+    """``(frame type, seq, JSON text)`` for chunks and gaps."""
+    frames: list[tuple[ServerFrame, int | None, str]] = []
+    for item in items:
+        if isinstance(item, Chunk):
+            frames.append((ServerFrame.CHUNK, item.seq, chunk_frame(item.seq, item.chunk_json)))
+        else:
+            text = frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
+            frames.append((ServerFrame.GAP, None, text))
+    return frames
+
+
+class Follower:
+    """One client of one stream in this process, from registration to release.
+
+    Stream events are handled by the methods named after them (``stream.chunk`` ->
+    ``stream_chunk``), the same for every transport. A transport provides :meth:`write` and
+    :meth:`close_transport`, and calls :meth:`release` in a ``finally``: whatever ends it (the
+    stream, the peer, a cancel, a bug), the client's row, group membership and channel go.
+    """
+
+    transport: ClassVar[str]
     scope: dict[str, Any]
     stream_id: str
     client_id: str
+    channel_name: str = ""
     delivery: Delivery | None = None
+    worker: Worker | None = None  # the worker holding us while we are registered
+    registered = False  # our row exists, as far as we know
+    joined = False  # our channel is in the stream's group
+    ended = False  # the closing frame went out (or the peer left): nothing more is sent
+    released = False
+
+    # -- StreamClient (the seed's IStreamClient) -------------------------------------------
 
     @property
     def id(self) -> str:
         return self.client_id
+
+    def is_active(self) -> bool:
+        return not self.ended
+
+    async def send_chunk(self, chunk: AgentOSResponse) -> None:
+        """Send one chunk outside the stream's sequence (``seq`` is null)."""
+        text = encode_chunk(chunk, stream_id=self.stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
+        await self.write(ServerFrame.CHUNK, f'{{"type":"chunk","seq":null,"chunk":{text}}}', None)
+
+    async def notify_stream_closed(self, reason: str | None = None) -> None:
+        text = frame(ServerFrame.CLOSED, reason=reason or "", last_seq=self.delivered_seq)
+        await self.write(ServerFrame.CLOSED, text, None)
+
+    # -- identity and position --------------------------------------------------------------
 
     @property
     def user_id(self) -> int | None:
@@ -124,33 +166,158 @@ class Follower:
     def delivered_seq(self) -> int:
         return self.delivery.delivered_seq if self.delivery is not None else 0
 
-    def item_frames(self, items: list[Chunk | Gap]) -> list[tuple[ServerFrame, int | None, str]]:
-        """``(frame type, seq, JSON text)`` for chunks and gaps."""
-        frames: list[tuple[ServerFrame, int | None, str]] = []
-        for item in items:
-            if isinstance(item, Chunk):
-                frames.append((ServerFrame.CHUNK, item.seq, chunk_frame(item.seq, item.chunk_json)))
-            else:
-                text = frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
-                frames.append((ServerFrame.GAP, None, text))
-        return frames
+    # -- what a transport provides -----------------------------------------------------------
 
-    def out_of_band_frame(self, chunk: AgentOSResponse) -> str:
-        """A chunk sent to this client alone, outside the stream's sequence (``seq`` null)."""
-        text = encode_chunk(chunk, stream_id=self.stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
-        return f'{{"type":"chunk","seq":null,"chunk":{text}}}'
+    async def write(self, kind: ServerFrame, text: str, seq: int | None) -> None:
+        """Send one frame to the peer; raises when it cannot."""
+        raise NotImplementedError
 
-    def closed_frame(self, reason: str | None) -> str:
-        return frame(ServerFrame.CLOSED, reason=reason or "", last_seq=self.delivered_seq)
+    async def close_transport(self, code: int) -> None:
+        """End the connection with ``code`` (after the last frame)."""
+        raise NotImplementedError
 
-    def reconnect_frame(self, reason: str) -> str:
-        return frame(ServerFrame.RECONNECT, reason=reason, last_seq=self.delivered_seq)
+    # -- subscribing -------------------------------------------------------------------------
+
+    async def subscribe(self, manager: StreamingManager, last_seq: int) -> bool:
+        """Authorise, register and send what history holds; False when the peer was refused
+        or the stream was closed (then what it missed, ``closed`` and 4410 went out)."""
+        try:
+            stream = await authorize_subscribe(self.scope, self.stream_id)
+            self.delivery = Delivery(manager.history, self.stream_id, last_seq)
+            active, reason = stream.is_active, stream.close_reason
+            if active:
+                await manager.register_client(self.stream_id, self)
+        except GMIError as exc:
+            closed = isinstance(exc, StreamError) and exc.code is GMIErrorCode.STREAM_CLOSED
+            if not closed or self.delivery is None:
+                await self.refuse(exc)
+                return False
+            active, reason = False, exc.details.get("reason", "")
+        if not active:
+            await self.deliver(await self.delivery.catch_up())
+            await self.end(CloseCode.STREAM_GONE, reason)
+            return False
+        items = await self.delivery.catch_up()
+        text = frame(ServerFrame.SUBSCRIBED, stream_id=self.stream_id, client_id=self.client_id,
+                     seq=self.delivery.delivered_seq)  # fmt: skip
+        await self.write(ServerFrame.SUBSCRIBED, text, None)
+        await self.deliver(items)
+        return True
+
+    async def refuse(self, exc: GMIError) -> None:
+        """Tell the peer why it cannot follow the stream, then close with the matching code."""
+        logger.info("client %s refused on stream %s: %s", self.client_id, self.stream_id, exc)
+        await self.fail(
+            str(exc.code), exc.message, CLOSE_CODE_FOR_ERROR.get(exc.code, CloseCode.UNAVAILABLE)
+        )
+
+    async def fail(self, code: str, message: str, close_code: int) -> None:
+        """An ``error`` frame, then close with ``close_code`` (once)."""
+        if self.ended:
+            return
+        self.ended = True
+        try:
+            await self.write(ServerFrame.ERROR, frame(ServerFrame.ERROR, code=code,
+                                                      message=message), None)  # fmt: skip
+        finally:
+            await self.close_transport(close_code)
+            await self.release()  # nothing more will be sent: no need to wait for the peer
+
+    async def crashed(self, exc: BaseException) -> None:
+        """Something failed while serving: a backend failure is 4503 (come back later); anything
+        else is a bug, logged with its traceback and closed 4500."""
+        from .exceptions import is_backend_error
+
+        if is_backend_error(exc):
+            logger.error("client %s of stream %s: streaming backend failed: %s: %s",
+                         self.client_id, self.stream_id, type(exc).__name__, exc)  # fmt: skip
+            await self.fail(str(GMIErrorCode.BACKEND_UNAVAILABLE), "streaming backend failed",
+                            CloseCode.UNAVAILABLE)  # fmt: skip
+        else:
+            logger.error("client %s of stream %s: internal error", self.client_id,
+                         self.stream_id, exc_info=exc)  # fmt: skip
+            await self.fail("internal_error", "internal server error", CloseCode.INTERNAL_ERROR)
+
+    # -- stream events (named after the event type) -------------------------------------------
+
+    async def dispatch_event(self, event: dict[str, Any]) -> None:
+        """Handle one stream event with the method named after its type."""
+        handler = getattr(self, str(event.get("type", "")).replace(".", "_"), None)
+        if handler is None:
+            logger.warning("client %s ignores event %r", self.client_id, event.get("type"))
+            return
+        await handler(event)
+
+    async def stream_chunk(self, event: dict[str, Any]) -> None:
+        if self.ended or self.delivery is None:
+            return
+        await self.deliver(await self.delivery.receive(event["seq"], event["chunk"]))
+
+    async def stream_closed(self, event: dict[str, Any]) -> None:
+        if self.ended or self.delivery is None:
+            return
+        await self.deliver(await self.delivery.catch_up(event["last_seq"]))
+        await self.end(event.get("code", CloseCode.STREAM_CLOSED), event["reason"])
+
+    async def stream_sync(self, event: dict[str, Any]) -> None:
+        """The sweeper saw us behind the head or open on a closed stream: catch up."""
+        if self.ended or self.delivery is None:
+            return
+        await self.deliver(await self.delivery.catch_up(event["head_seq"]))
+        if event["closed"]:
+            await self.end(CloseCode.STREAM_CLOSED, event["reason"])
+
+    async def stream_deregistered(self, event: dict[str, Any]) -> None:
+        """The manager removed us (its row is gone): say why and end."""
+        self.registered = False
+        await self.end(event.get("code", CloseCode.DEREGISTERED), event["reason"],
+                       close=event.get("close", True))  # fmt: skip
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def deliver(self, items: list[Chunk | Gap]) -> None:
+        """Send chunk and gap frames; a failed send goes to the send-error policy."""
+        for kind, seq, text in item_frames(items):
+            if self.ended:
+                return
+            try:
+                await self.write(kind, text, seq)
+            except Exception as exc:
+                await self.send_failed(exc)
+                return
+
+    async def send_failed(self, exc: BaseException, *, inline: bool = False) -> None:
+        if self.worker is not None:
+            await self.worker.send_failed(self, exc, inline=inline)
+        else:
+            logger.warning("send to client %s of stream %s failed: %s", self.client_id,
+                           self.stream_id, exc)  # fmt: skip
+
+    async def end(self, code: int, reason: str, *, close: bool = True) -> None:
+        """The last frame (``reconnect`` for 4012, else ``closed``), then close (once)."""
+        if self.ended:
+            return
+        self.ended = True
+        kind = ServerFrame.RECONNECT if code == CloseCode.SERVICE_RESTART else ServerFrame.CLOSED
+        try:
+            await self.write(kind, frame(kind, reason=reason, last_seq=self.delivered_seq), None)
+        except Exception as exc:
+            logger.info("client %s of stream %s: last frame not sent: %s", self.client_id,
+                        self.stream_id, exc)  # fmt: skip
+        await self.close_transport(code)
+        await self.release()  # nothing more will be sent: no need to wait for the peer
+
+    async def release(self) -> None:
+        """Give back everything this client holds (once): its row, group membership, channel."""
+        if self.released:
+            return
+        self.released = True
+        self.ended = True
+        if self.worker is not None:
+            await self.worker.release(self)
 
 
-FailureHandler = Callable[[str, str, BaseException, bool], Awaitable[None]]
-
-
-class ChannelBridge:
+class ChannelBridge(Follower):
     """Carries a plain ``StreamClient`` onto a channel of its own and delivers to it in order.
 
     ``delivered(seq)`` lets the producer in this process wait until the client was tried,
@@ -159,48 +326,40 @@ class ChannelBridge:
 
     transport = "python"
 
-    def __init__(
-        self,
-        stream_id: str,
-        client: StreamClient,
-        layer: ChannelLayer,
-        history: History,
-        on_failure: FailureHandler,
-    ) -> None:
+    def __init__(self, stream_id: str, client: StreamClient, layer: ChannelLayer,
+                 history: History) -> None:  # fmt: skip
+        self.scope = {}
         self.stream_id = stream_id
+        self.client_id = client.id
         self.client = client
-        self.layer = layer
+        self.inbox = Inbox(layer)
         self.delivery = Delivery(history, stream_id)
-        self.on_failure = on_failure
-        self.channel_name = ""
         self._task: asyncio.Task[None] | None = None
         self._waiters: list[tuple[int, asyncio.Future[str | None]]] = []
         self._failures: dict[int, str] = {}
-        self._stopped = False
         self._tried_seq = 0  # last seq handed to the client (delivery may have read further)
 
     @property
-    def id(self) -> str:
-        return self.client.id
+    def user_id(self) -> int | None:
+        return None
 
     async def open(self) -> str:
         """Create the bridge's channel; its name."""
-        self.channel_name = await self.layer.new_channel("streaming.bridge.")
+        self.channel_name = await self.inbox.open("streaming.bridge.")
         return self.channel_name
 
     def start(self) -> asyncio.Task[None]:
         """Start delivering: first what history holds, then live chunks; the bridge's task."""
-        self._task = asyncio.create_task(self._run(), name=f"streaming-bridge-{self.id}")
+        self._task = asyncio.create_task(self._run(), name=f"streaming-bridge-{self.client_id}")
         return self._task
 
     async def stop(self) -> None:
-        """Stop delivering; anyone waiting on ``delivered`` is released."""
-        self._stopped = True
+        """Stop delivering and release the client (nothing is said to it)."""
+        self.ended = True
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._release(None)
+            await asyncio.wait([self._task])
+        await self.release()
 
     def delivered(self, seq: int) -> asyncio.Future[str | None]:
         """A future resolved once ``seq`` was tried: None, or the send error's message."""
@@ -213,49 +372,33 @@ class ChannelBridge:
 
     async def _run(self) -> None:
         try:
-            await self._send(await self.delivery.catch_up())
-            while not self._stopped:
-                event = await self.layer.receive(self.channel_name)
-                if not await self._dispatch(event):
-                    return
+            assert self.delivery is not None
+            await self.deliver(await self.delivery.catch_up())
+            while not self.ended:
+                await self.dispatch_event(await self.inbox.get())
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("bridge for client %s on stream %s failed", self.id, self.stream_id)
+            logger.exception("bridge for client %s on stream %s failed", self.client_id,
+                             self.stream_id)  # fmt: skip
         finally:
-            self._release(None)
+            self._settle(None)
+            await self.release()
 
-    async def _dispatch(self, event: dict[str, Any]) -> bool:
-        kind = event.get("type")
-        if kind == CHUNK:
-            await self._send(await self.delivery.receive(event["seq"], event["chunk"]))
-            return True
-        if kind == CLOSED:
-            await self._send(await self.delivery.catch_up(event["last_seq"]))
-            await self._finish(event["reason"])
-            return False
-        if kind == SYNC:
-            await self._send(await self.delivery.catch_up(event["head_seq"]))
-            if event["closed"]:
-                await self._finish(event["reason"])
-                return False
-            return True
-        if kind == DEREGISTERED:
-            await self._finish(event["reason"], notify=False)
-            return False
-        logger.warning("bridge for client %s ignores event %r", self.id, kind)
-        return True
+    async def release(self) -> None:
+        await super().release()
+        await self.inbox.close()
 
-    async def _send(self, items: list[Chunk | Gap]) -> None:
+    async def deliver(self, items: list[Chunk | Gap]) -> None:
         for item in items:
-            if self._stopped:
-                return
+            if self.ended:
+                break
             if isinstance(item, Gap):
                 logger.warning(
                     "stream %s: client %s missed seq %d-%d (no longer in history)",
-                    self.stream_id, self.id, item.from_seq, item.to_seq,
+                    self.stream_id, self.client_id, item.from_seq, item.to_seq,
                 )  # fmt: skip
-                self._release(item.to_seq)
+                self._settle(item.to_seq)
                 continue
             try:
                 await self.client.send_chunk(parse_chunk(json.loads(item.chunk_json)))
@@ -263,20 +406,26 @@ class ChannelBridge:
                 waited = any(seq == item.seq for seq, _ in self._waiters)
                 if waited:
                     self._failures[item.seq] = f"{type(exc).__name__}: {exc}"
-                await self.on_failure(self.stream_id, self.id, exc, waited)
-            self._release(item.seq)
+                await self.send_failed(exc, inline=waited)
+            self._settle(item.seq)
 
-    async def _finish(self, reason: str, *, notify: bool = True) -> None:
+    async def end(self, code: int, reason: str, *, close: bool = True) -> None:
+        """Tell the plain client the stream closed (not when it was only deregistered) and
+        call its optional ``close``."""
+        if self.ended:
+            return
+        self.ended = True
         try:
-            if notify:
+            if code != CloseCode.DEREGISTERED:
                 await self.client.notify_stream_closed(reason)
-            close = getattr(self.client, "close", None)
-            if close is not None:
-                await close(reason)
+            closer = getattr(self.client, "close", None)
+            if close and closer is not None:
+                await closer(reason)
         except Exception:
-            logger.exception("closing client %s of stream %s failed", self.id, self.stream_id)
+            logger.exception("closing client %s of stream %s failed", self.client_id,
+                             self.stream_id)  # fmt: skip
 
-    def _release(self, up_to: int | None) -> None:
+    def _settle(self, up_to: int | None) -> None:
         if up_to is not None:
             self._tried_seq = max(self._tried_seq, up_to)
         keep = []

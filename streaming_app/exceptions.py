@@ -84,3 +84,30 @@ class StreamError(GMIError):
         data["stream_id"] = self.stream_id
         data["client_id"] = self.client_id
         return data
+
+
+def is_backend_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says a backend (database, Redis, the channel layer) failed, as opposed
+    to a bug: backend failures are 4503 / HTTP 503 and worth a retry; bugs are not."""
+    if isinstance(exc, GMIError):
+        return exc.code is GMIErrorCode.BACKEND_UNAVAILABLE
+    from django.db import Error as DatabaseError
+
+    if isinstance(exc, DatabaseError | ConnectionError | TimeoutError):
+        return True
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # pragma: no cover - redis is a dependency of channels_redis
+        return False
+    return isinstance(exc, RedisError)
+
+
+def backend_error(stream_id: str | None, what: str, exc: BaseException) -> StreamError:
+    """``StreamError(BACKEND_UNAVAILABLE)`` for a failed ``what`` (history, database...)."""
+    return StreamError(
+        GMIErrorCode.BACKEND_UNAVAILABLE,
+        f"the {what} backend is unavailable"
+        + (f" for stream {stream_id!r}" if stream_id else "")
+        + f": {type(exc).__name__}: {exc}",
+        stream_id=stream_id,
+    )

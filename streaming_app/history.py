@@ -39,6 +39,14 @@ class AppendResult:
 
 
 @dataclass(frozen=True)
+class Closed:
+    """What ``close`` found: the head seq, and whether this call closed it (else: already)."""
+
+    head_seq: int
+    was_open: bool
+
+
+@dataclass(frozen=True)
 class Replay:
     """Chunks after a given seq, as ``(seq, chunk_json)`` in order, and the head seq."""
 
@@ -50,21 +58,31 @@ class History(Protocol):
     """What the manager and the clients need of a history backend (a class named by
     ``HISTORY_BACKEND`` with a ``from_settings()`` classmethod)."""
 
+    #: Whether every process sees the same history (False: this process's memory only).
+    shared: bool
+
     async def open(self, stream_id: str) -> None:
         """Start an empty history for a new stream."""
 
-    async def append(self, stream_id: str, chunk_json: str, *, take_failures: bool) -> AppendResult:
+    async def append(
+        self, stream_id: str, chunk_json: str, *, take_failures: bool, publish_to: str = ""
+    ) -> AppendResult:
         """Give the chunk the next seq and keep it; raise StreamError if unknown or closed.
 
         With ``take_failures``, pending send failures are removed and returned instead, and
-        nothing is appended.
+        nothing is appended. ``publish_to`` (only when :meth:`publish_prefix` gave a prefix)
+        names the pub/sub channel to publish the ``stream.chunk`` event to, atomically.
         """
+
+    def publish_prefix(self, layer_target: tuple[str, str] | None) -> str:
+        """The prefix of group channels this history can publish to itself, given the layer's
+        ``(redis address, group channel prefix)``; "" when it cannot."""
 
     async def read_after(self, stream_id: str, after_seq: int, up_to: int | None = None) -> Replay:
         """The chunks held with ``after_seq < seq <= up_to``."""
 
-    async def close(self, stream_id: str, reason: str) -> int | None:
-        """Mark the stream closed (pushes raise from now on); its head seq, None if unknown."""
+    async def close(self, stream_id: str, reason: str) -> Closed | None:
+        """Mark the stream closed (pushes raise from now on); None if unknown."""
 
     async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
         """The state of each known stream among ``stream_ids``."""
@@ -74,6 +92,12 @@ class History(Protocol):
 
     async def forget(self, stream_id: str) -> None:
         """Drop everything held for a stream."""
+
+    def expire_closed(self) -> list[str]:
+        """Drop closed streams whose history aged out (where the backend does not itself)."""
+
+    async def aclose(self) -> None:
+        """Close connections opened in the running event loop."""
 
 
 @dataclass
@@ -89,6 +113,8 @@ class _MemoryStream:
 
 class MemoryHistory:
     """History in this process's memory: the embedded default for one process."""
+
+    shared = False
 
     def __init__(self, *, max_chunks: int, max_age_seconds: float) -> None:
         self.max_chunks = max_chunks
@@ -106,7 +132,10 @@ class MemoryHistory:
     async def open(self, stream_id: str) -> None:
         self._streams[stream_id] = _MemoryStream()
 
-    async def append(self, stream_id: str, chunk_json: str, *, take_failures: bool) -> AppendResult:
+    async def append(
+        self, stream_id: str, chunk_json: str, *, take_failures: bool, publish_to: str = ""
+    ) -> AppendResult:
+        assert not publish_to, "MemoryHistory cannot publish"
         stream = self._get_open(stream_id)
         if take_failures and stream.failures:
             failures, stream.failures = stream.failures, {}
@@ -132,13 +161,17 @@ class MemoryHistory:
         entries = [(seq, text) for seq, _, text in islice(stream.entries, start, stop)]
         return Replay(entries=entries, head_seq=stream.head_seq)
 
-    async def close(self, stream_id: str, reason: str) -> int | None:
+    def publish_prefix(self, layer_target: tuple[str, str] | None) -> str:
+        return ""
+
+    async def close(self, stream_id: str, reason: str) -> Closed | None:
         stream = self._streams.get(stream_id)
         if stream is None:
             return None
-        if not stream.closed:
+        was_open = not stream.closed
+        if was_open:
             stream.closed, stream.close_reason, stream.closed_at = True, reason, time.time()
-        return stream.head_seq
+        return Closed(stream.head_seq, was_open)
 
     async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
         now = time.time()
@@ -165,6 +198,9 @@ class MemoryHistory:
 
     async def forget(self, stream_id: str) -> None:
         self._streams.pop(stream_id, None)
+
+    async def aclose(self) -> None:
+        return None
 
     def expire_closed(self) -> list[str]:
         """Forget closed streams whose history has aged out; the ids forgotten."""

@@ -4,13 +4,16 @@ A stream is the group ``streaming.<stream_id>``. Events:
 
 - ``stream.chunk``        ``{"seq", "chunk"}`` (chunk = its JSON text, encoded once by the producer)
 - ``stream.closed``       ``{"reason", "last_seq", "code"}``, also to ``streaming.<id>.control``
-- ``stream.deregistered`` ``{"stream_id", "reason", "code"}`` sent to one client's channel
+- ``stream.deregistered`` ``{"stream_id", "reason", "code", "close"}`` sent to one client's
+  channel: the manager removed it (``close``: a plain client's ``close()`` is called too)
 - ``stream.sync``         ``{"head_seq", "closed", "reason"}`` sent by the sweeper to a client
   that fell behind (its channel dropped messages): catch up to ``head_seq``, close if closed
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any, Protocol
 
@@ -60,6 +63,13 @@ class StreamLayer:
     def __init__(self, layer: ChannelLayer) -> None:
         self.layer = layer
 
+    @property
+    def crosses_processes(self) -> bool:
+        """Whether other processes reach this layer's channels (not the in-memory layer)."""
+        from channels.layers import InMemoryChannelLayer
+
+        return not isinstance(self.layer, InMemoryChannelLayer)
+
     def pubsub_group_prefix(self) -> tuple[str, str] | None:
         """``(redis address, channel prefix)`` when the layer is channels_redis's pub/sub
         layer on one Redis, sending plain msgpack: then a group's events can be published to
@@ -100,9 +110,12 @@ class StreamLayer:
         await self._call(stream_id, "group_send", group_name(stream_id), event)
         await self._call(stream_id, "group_send", control_group_name(stream_id), event)
 
-    async def tell_deregistered(self, stream_id: str, channel: str, reason: str, code: int) -> None:
+    async def tell_deregistered(
+        self, stream_id: str, channel: str, reason: str, code: int, *, close: bool = True
+    ) -> None:
         await self._call(stream_id, "send", channel, {
             "type": DEREGISTERED, "stream_id": stream_id, "reason": reason, "code": code,
+            "close": close,
         })  # fmt: skip
 
     async def nudge(
@@ -136,3 +149,72 @@ class StreamLayer:
                 f"channel layer {method} failed for stream {stream_id!r}: {exc}",
                 stream_id=stream_id,
             ) from exc
+
+
+class Inbox:
+    """A channel of this process's own and the one ``receive`` that reads it.
+
+    Channels has no ``delete_channel``: a layer gives back a channel (its Redis subscription,
+    its queue) when a pending ``receive`` on it is cancelled. Only :meth:`close` cancels one,
+    so every inbox is released exactly once, whoever stops reading it and why.
+    """
+
+    def __init__(self, layer: ChannelLayer) -> None:
+        self.layer = layer
+        self.name = ""
+        self._pending: asyncio.Future[dict[str, Any]] | None = None
+        self.closed = False
+
+    async def open(self, prefix: str) -> str:
+        """Create the channel; its name."""
+        self.name = await self.layer.new_channel(prefix)
+        return self.name
+
+    async def get(self) -> dict[str, Any]:
+        """The next message; a caller cancelled while waiting loses nothing."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self.layer.receive(self.name))
+        await asyncio.wait([self._pending])
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    def ready(self) -> asyncio.Future[dict[str, Any]]:
+        """The pending receive, started if need be (for ``asyncio.wait`` with other futures);
+        collect its message with :meth:`get`."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self.layer.receive(self.name))
+        return self._pending
+
+    async def close(self) -> None:
+        """Release the channel (idempotent); an unread message is dropped with a log line."""
+        if self.closed or not self.name:
+            self.closed = True
+            return
+        self.closed = True
+        receiver = self._pending
+        self._pending = None
+        if receiver is None:
+            receiver = asyncio.ensure_future(self.layer.receive(self.name))
+            await asyncio.sleep(0)  # let it reach the layer's wait, which cancelling cleans up
+        receiver.cancel()
+        try:
+            message = await receiver
+        except asyncio.CancelledError:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise
+        except Exception:
+            logger.exception("releasing channel %s failed", self.name)
+        else:  # it had a message already: the layer still holds the channel
+            logger.info("channel %s closed with an unread %s", self.name, message.get("type"))
+            await self._drain()
+
+    async def _drain(self) -> None:
+        for _ in range(1000):
+            receiver = asyncio.ensure_future(self.layer.receive(self.name))
+            await asyncio.sleep(0)
+            if not receiver.done():
+                receiver.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await receiver
+                return
+            await receiver

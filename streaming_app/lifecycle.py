@@ -1,39 +1,129 @@
-"""Process lifecycle: let a Daphne worker's clients go cleanly when the worker stops.
+"""Worker lifecycle: start serving, and let this worker's clients go cleanly when it stops.
 
-Daphne runs Twisted's asyncio reactor and has no ASGI lifespan; a "before shutdown" trigger is
-the hook it offers. On SIGTERM the worker deregisters its clients and tells them to reconnect
-(close code 4012) before Twisted tears the connections down.
+Wrap the project's ASGI application in :class:`StreamingLifecycle`:
+
+- servers that send ASGI ``lifespan`` events (Uvicorn, Hypercorn) get the worker started on
+  ``lifespan.startup`` and detached on ``lifespan.shutdown``;
+- under Daphne (Twisted's asyncio reactor, no lifespan) SIGTERM and SIGINT are taken over as
+  soon as the reactor runs: the worker first detaches (each client gets ``reconnect`` and close
+  code 4012 with its ``last_seq``, and its row goes), then the server's own handler stops the
+  reactor. Daphne's own shutdown step cancels every consumer, so ours must come first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .manager import StreamingManager
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-_installed: set[int] = set()
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def install_shutdown_hook(manager: StreamingManager) -> bool:
-    """In a process run by Twisted's reactor (Daphne), detach ``manager``'s worker before the
-    reactor stops; True when installed (once per manager)."""
+async def detach_this_worker() -> int:
+    """Release this process's clients (told to reconnect); the number released."""
+    from . import manager as manager_module
+
+    manager = manager_module._manager
+    if manager is None or not manager.is_initialized:
+        return 0
+    return await manager.detach_worker()
+
+
+class StreamingLifecycle:
+    """ASGI middleware: ``lifespan`` for servers that send it, signal hooks under Daphne."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        install_daphne_hooks()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    from .manager import get_streaming_manager
+
+                    get_streaming_manager().ensure_background()
+                except Exception as exc:
+                    logger.exception("streaming worker failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await detach_this_worker()
+                except Exception as exc:
+                    logger.exception("streaming worker failed to detach")
+                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+_hooked = False
+
+
+def install_daphne_hooks() -> bool:
+    """In a process run by Twisted's reactor (Daphne), take over SIGTERM and SIGINT once the
+    reactor runs (after it installed its own handlers); True when scheduled."""
+    global _hooked
     reactor: Any = sys.modules.get("twisted.internet.reactor")
-    if reactor is None or id(manager) in _installed:
+    if reactor is None or _hooked:
         return False
-    from twisted.internet.defer import Deferred
-
-    def before_shutdown() -> Any:
-        if not manager.is_initialized:
-            return None
-        logger.info("worker %s stopping: releasing its clients", manager.worker_id)
-        return Deferred.fromFuture(asyncio.ensure_future(manager.detach_worker()))
-
-    reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
-    _installed.add(id(manager))
+    _hooked = True
+    # Once running (its own handlers are installed during start-up), inside the event loop.
+    reactor.callWhenRunning(lambda: reactor.callLater(0, _take_over_signals))
     return True
+
+
+def _take_over_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for signum in SIGNALS:
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue
+        signal.signal(signum, _handler(loop, previous))
+    logger.debug("streaming worker: SIGTERM and SIGINT release clients first")
+
+
+def _handler(
+    loop: asyncio.AbstractEventLoop, previous: Callable[[int, FrameType | None], Any]
+) -> Callable[[int, FrameType | None], None]:
+    stopping: list[asyncio.Task[int]] = []
+
+    def after(signum: int) -> None:
+        previous(signum, None)
+
+    def start(signum: int) -> None:
+        if stopping:  # a second signal: stop now
+            after(signum)
+            return
+        logger.info("worker received signal %d: releasing its clients before stopping", signum)
+        task = loop.create_task(detach_this_worker(), name="streaming-detach")
+        stopping.append(task)
+
+        def done(task: asyncio.Task[int]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("releasing clients failed", exc_info=task.exception())
+            after(signum)
+
+        task.add_done_callback(done)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(start, signum)
+
+    return handler

@@ -8,17 +8,12 @@ and the channel layer (fan-out). ``push_chunk`` touches no database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import re
-import socket
-import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -26,36 +21,38 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.core.signals import setting_changed
 from django.dispatch import receiver
+from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from .chunks import AgentOSResponse, ErrorChunk, encode_chunk
-from .clients import ChannelBridge, ChannelClient, StreamClient
+from .clients import ChannelBridge, Follower, StreamClient
 from .conf import StreamingManagerConfig, app_settings
-from .exceptions import GMIError, GMIErrorCode, StreamError
-from .history import AppendResult, History, StreamState
-from .layers import CLOSED, StreamLayer
-from .lifecycle import install_shutdown_hook
+from .exceptions import GMIError, GMIErrorCode, StreamError, backend_error, is_backend_error
+from .history import AppendResult, History
+from .layers import CHUNK, Inbox, StreamLayer, group_name
 from .models import STREAM_ID_PATTERN
 from .protocol import CloseCode
 from .registry import NewClient, NewStream, Registry
+from .sweeper import Sweeper, SweepReport
+from .watches import Watches
+from .worker import HISTORY_LOST_REASON, SHUTDOWN_REASON, Worker
 
 logger = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
 DEFAULT_CLOSE_REASON = "Stream closed"
-SHUTDOWN_REASON = "Server shutting down"
-HISTORY_LOST_REASON = "Stream history was lost (the streaming backend restarted)"
+
+__all__ = [
+    "HISTORY_LOST_REASON",
+    "SHUTDOWN_REASON",
+    "StreamingManager",
+    "SweepReport",
+    "get_streaming_manager",
+    "get_sync_streaming_manager",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@dataclass
-class SweepReport:
-    """What one sweep did: streams closed for inactivity and dead clients removed."""
-
-    closed_idle: list[str] = field(default_factory=list)
-    reaped_clients: list[tuple[str, str]] = field(default_factory=list)
 
 
 def build_history() -> History:
@@ -71,19 +68,20 @@ class StreamingManager:
     """
 
     def __init__(self) -> None:
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats: Counter[str] = Counter()
+        self.registry = Registry()
+        self.worker = Worker(self)
+        self.sweeper = Sweeper(self)
+        self.watches = Watches(self)
         self._config: StreamingManagerConfig | None = None
-        self._registry = Registry()
         self._history: History | None = None
         self._layer: StreamLayer | None = None
-        self._bridges: dict[str, dict[str, ChannelBridge]] = {}
-        self._local: dict[str, dict[str, ChannelClient]] = {}
-        self._recorded_heads: dict[str, int] = {}
-        self._sweeper: asyncio.Task[None] | None = None
-        self._watches: dict[str, asyncio.Task[str]] = {}
-        self._positions: dict[tuple[str, str], int] = {}
         self._publish_prefix = ""
+        self._fast_path_proven: asyncio.Future[bool] | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return self.worker.id
 
     # -- the seed's API -------------------------------------------------------------------
 
@@ -113,10 +111,10 @@ class StreamingManager:
             )
         self._layer = StreamLayer(layer)
         self._history = build_history()
-        # One round trip per push when the history's Redis is the pub/sub layer's Redis.
-        target = self._layer.pubsub_group_prefix()
-        serves = getattr(self._history, "serves", None)
-        self._publish_prefix = target[1] if target and serves and serves(target[0]) else ""
+        # One round trip per push when the history's Redis is the pub/sub layer's Redis; it
+        # proves itself before the first push (see _fast_path).
+        self._publish_prefix = self._history.publish_prefix(self._layer.pubsub_group_prefix())
+        self._fast_path_proven = None
         self._config = config
 
     @property
@@ -133,20 +131,23 @@ class StreamingManager:
             )
         return self._config
 
-    def _check_initialized(self) -> None:
-        self.config  # noqa: B018  (the property raises NOT_INITIALIZED)
-
     @property
     def history(self) -> History:
-        self._check_initialized()
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
         assert self._history is not None
         return self._history
 
     @property
     def layer(self) -> StreamLayer:
-        self._check_initialized()
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
         assert self._layer is not None
         return self._layer
+
+    @property
+    def crosses_processes(self) -> bool:
+        """Whether other processes can reach this one's clients (a shared channel layer and
+        history), so a command run elsewhere can close what this process serves."""
+        return self.history.shared and self.layer.crosses_processes
 
     async def create_stream(
         self,
@@ -194,7 +195,7 @@ class StreamingManager:
                 stream_id=requested_stream_id,
             )
         owner_id = getattr(owner, "pk", owner)
-        stream_id = await self._registry.create_stream(
+        stream_id = await self.registry.create_stream(
             NewStream(
                 requested_id=requested_stream_id,
                 owner_id=owner_id,
@@ -209,8 +210,8 @@ class StreamingManager:
         try:
             await self.history.open(stream_id)
         except Exception as exc:
-            await self._registry.delete_stream(stream_id)
-            raise _backend_error(stream_id, "history", exc) from exc
+            await self.registry.delete_stream(stream_id)
+            raise self._backend_error(stream_id, "history", exc) from exc
         self.stats["streams_created"] += 1
         logger.info("stream %s created (owner=%s)", stream_id, owner_id)
         return stream_id
@@ -220,7 +221,7 @@ class StreamingManager:
 
         Raises ``StreamError``: RESOURCE_NOT_FOUND, STREAM_CLOSED, RESOURCE_ALREADY_EXISTS,
         RATE_LIMIT_EXCEEDED at ``max_clients_per_stream``, INVALID_ARGUMENT for an inactive
-        client or an object that is not a StreamClient.
+        client or an object that is not a StreamClient, BACKEND_UNAVAILABLE.
         """
         config = self.config
         if not isinstance(client, StreamClient) or not isinstance(client.id, str) or not client.id:
@@ -237,43 +238,55 @@ class StreamingManager:
                 stream_id=stream_id,
                 client_id=client.id,
             )
-        bridge: ChannelBridge | None = None
-        if isinstance(client, ChannelClient):
-            channel, transport, user_id = client.channel_name, client.transport, client.user_id
+        if isinstance(client, Follower):
+            follower: Follower = client
         else:
-            bridge = ChannelBridge(
-                stream_id, client, self.layer.layer, self.history, self._on_send_failure
-            )
-            channel, transport, user_id = await bridge.open(), ChannelBridge.transport, None
-        await self._registry.add_client(
-            stream_id,
-            NewClient(client.id, transport, channel, self.worker_id, user_id),
-            limit=config.max_clients_per_stream,
-        )
+            follower = ChannelBridge(stream_id, client, self.layer.layer, self.history)
+        key = (stream_id, client.id)
+        self.worker.joining.add(key)
         try:
-            await self.layer.join(stream_id, channel)
-        except StreamError:
-            await self._registry.remove_client(stream_id, client.id)
-            raise
-        if bridge is not None:
-            self._bridges.setdefault(stream_id, {})[client.id] = bridge
-            task = bridge.start()
-            task.add_done_callback(lambda _: self._drop_bridge(stream_id, bridge))
-        else:
-            assert isinstance(client, ChannelClient)
-            self._local.setdefault(stream_id, {})[client.id] = client
+            if isinstance(follower, ChannelBridge):
+                await follower.open()
+            cutoff = timezone.now() - timedelta(seconds=app_settings.CLIENT_TIMEOUT_SECONDS)
+            new = NewClient(client.id, follower.transport, follower.channel_name, self.worker_id,
+                            follower.user_id)  # fmt: skip
+            try:
+                await self.registry.add_client(
+                    stream_id, new, limit=config.max_clients_per_stream, alive_after=cutoff
+                )
+            except Exception as exc:
+                if isinstance(follower, ChannelBridge):
+                    await follower.release()
+                if isinstance(exc, GMIError) or not is_backend_error(exc):
+                    raise
+                raise self._backend_error(stream_id, "database", exc) from exc
+            self.worker.hold(follower)
+            try:
+                await self.layer.join(stream_id, follower.channel_name)
+            except BaseException:
+                await follower.release()
+                raise
+            follower.joined = True
+        finally:
+            self.worker.joining.discard(key)
+        if isinstance(follower, ChannelBridge):
+            follower.start()
         self.ensure_background()
         self.stats["clients_registered"] += 1
-        logger.info("client %s (%s) registered to stream %s", client.id, transport, stream_id)
+        logger.info("client %s (%s) registered to stream %s", client.id, follower.transport,
+                    stream_id)  # fmt: skip
 
     async def deregister_client(self, stream_id: str, client_id: str) -> None:
-        """Remove a client from a stream; it is told and closed if it is still connected.
+        """Remove a client from a stream. A connected socket is told and closed (4411); a
+        plain client just stops receiving.
 
         Raises ``StreamError(RESOURCE_NOT_FOUND)`` for an unknown stream or client.
         """
-        self._check_initialized()
-        if not await self._release_client(stream_id, client_id, notify="deregistered"):
-            if not await self._registry.stream_exists(stream_id):
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        ref = await self.registry.remove_client(stream_id, client_id)
+        local = self.worker.get(stream_id, client_id)
+        if ref is None and (local is None or not local.registered):
+            if not await self.registry.stream_exists(stream_id):
                 raise StreamError(
                     GMIErrorCode.RESOURCE_NOT_FOUND,
                     f"stream {stream_id!r} does not exist",
@@ -286,13 +299,20 @@ class StreamingManager:
                 stream_id=stream_id,
                 client_id=client_id,
             )
+        if isinstance(local, ChannelBridge):
+            local.registered = False
+            await local.stop()
+        elif ref is not None:  # its own task (here or in another process) closes it
+            await self.layer.tell_deregistered(
+                stream_id, ref.channel_name, "deregistered", CloseCode.DEREGISTERED
+            )
 
     async def push_chunk(self, stream_id: str, chunk: AgentOSResponse | dict[str, Any]) -> int:
         """Send a chunk to every client of the stream, in order; its sequence number.
 
         Raises ``StreamError``: INVALID_ARGUMENT for a bad chunk (nothing sent),
-        RESOURCE_NOT_FOUND, STREAM_CLOSED, and with ``'throw'`` CLIENT_SEND_FAILED naming the
-        client(s) whose send failed.
+        RESOURCE_NOT_FOUND, STREAM_CLOSED, BACKEND_UNAVAILABLE, and with ``'throw'``
+        CLIENT_SEND_FAILED naming the client(s) whose send failed.
         """
         return await self._push(stream_id, chunk, raise_failures=True)
 
@@ -306,26 +326,42 @@ class StreamingManager:
         """Close a stream: every client, in every process, gets ``reason`` once and is closed.
 
         ``code`` is the sockets' close code: ``SERVICE_RESTART`` tells clients to come back
-        later with their resume cursor. Closing a closed stream does nothing.
-        Raises ``StreamError(RESOURCE_NOT_FOUND)``.
+        later with their resume cursor. Closing a closed stream does nothing. The history is
+        closed first (no push gets through after it), then the row, then clients are told; a
+        close that fails part-way raises ``BACKEND_UNAVAILABLE`` and is finished by a retry or
+        by the sweeper. Raises ``StreamError(RESOURCE_NOT_FOUND)``.
         """
-        self._check_initialized()
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
         reason = reason or DEFAULT_CLOSE_REASON
-        released = await self._registry.close_stream(stream_id, reason)
-        if released is None:
+        try:
+            closed = await self.history.close(stream_id, reason)
+        except Exception as exc:
+            raise self._backend_error(stream_id, "history", exc) from exc
+        try:
+            released = await self.registry.close_stream(stream_id, reason)
+        except StreamError:
+            raise
+        except Exception as exc:
+            raise self._backend_error(stream_id, "database", exc) from exc
+        if released is None and not (closed is not None and closed.was_open):
             logger.debug("stream %s was closed already", stream_id)
             return
-        head = await self.history.close(stream_id, reason)
-        if head is None:
-            logger.warning("stream %s had no history in this process at close", stream_id)
+        if closed is None:
+            logger.warning("stream %s had no history at close", stream_id)
         self.stats["streams_closed"] += 1
-        logger.info(
-            "stream %s closed (%s); %d client(s) notified", stream_id, reason, len(released)
-        )
-        await self.layer.publish_closed(stream_id, reason, head or 0, code)
-        if head is not None:
-            await self._record_activity([stream_id])
-        self._recorded_heads.pop(stream_id, None)
+        logger.info("stream %s closed (%s); %d client(s) notified", stream_id, reason,
+                    len(released or ()))  # fmt: skip
+        head = closed.head_seq if closed is not None else 0
+        try:
+            await self.layer.publish_closed(stream_id, reason, head, code)
+        except StreamError:  # each client's own sweeper sees the closed history and ends it
+            logger.error("stream %s: clients will learn of the close from the sweeper", stream_id)
+        if closed is not None:
+            try:
+                await self.sweeper.record_activity([stream_id])
+            except Exception:
+                logger.exception("stream %s: activity not recorded at close", stream_id)
+        self.sweeper.forget(stream_id)
 
     async def handle_stream_error(
         self, stream_id: str, error: BaseException, terminate_stream: bool = True
@@ -334,7 +370,7 @@ class StreamingManager:
 
         Raises ``StreamError``: RESOURCE_NOT_FOUND, STREAM_CLOSED.
         """
-        self._check_initialized()
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
         code = getattr(error, "code", None) or type(error).__name__
         details = getattr(error, "details", None)
         chunk = ErrorChunk(
@@ -351,30 +387,28 @@ class StreamingManager:
 
     async def get_active_stream_ids(self) -> list[str]:
         """Ids of all active streams, across every process, oldest first."""
-        self._check_initialized()
-        return await self._registry.active_stream_ids()
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        return await self.registry.active_stream_ids()
 
     async def get_client_count_for_stream(self, stream_id: str) -> int:
         """How many clients (in every process) are registered to a stream.
 
         Raises ``StreamError(RESOURCE_NOT_FOUND)``.
         """
-        self._check_initialized()
-        return await self._registry.client_count(stream_id)
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        return await self.registry.client_count(stream_id)
 
     async def shutdown(self, reason: str = SHUTDOWN_REASON) -> None:
         """Close every active stream (clients are told to come back for the rest with close
         code 4012), stop background work; initialize again before further use."""
-        self._check_initialized()
-        for stream_id in await self._registry.active_stream_ids():
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        for stream_id in await self.registry.active_stream_ids():
             try:
                 await self.close_stream(stream_id, reason, code=CloseCode.SERVICE_RESTART)
             except StreamError:
                 logger.exception("shutdown could not close stream %s", stream_id)
-        await self._stop_local_work()
-        aclose = getattr(self.history, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await self._stop_background()
+        await self.history.aclose()
         self._config = None
         logger.info("streaming manager %s shut down", self.worker_id)
 
@@ -383,39 +417,25 @@ class StreamingManager:
     async def detach_worker(self, reason: str = SHUTDOWN_REASON) -> int:
         """Let this process go without closing streams: its clients are deregistered and told
         to reconnect (close code 4012). The number of clients released."""
-        self._check_initialized()
-        local = [client for clients in self._local.values() for client in clients.values()]
-        released = await self._registry.remove_worker_clients(self.worker_id)
-        for ref in released:
-            await self.layer.leave(ref.stream_id, ref.channel_name)
-            await self.layer.tell_deregistered(
-                ref.stream_id, ref.channel_name, reason, CloseCode.SERVICE_RESTART
-            )
-        # Give this process's sockets the moment they need to say so before the server stops;
-        # they run in their own tasks and expose no event to wait on.
-        deadline = asyncio.get_running_loop().time() + 2
-        while any(c.is_active() for c in local) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        await self._stop_local_work()
-        logger.info("worker %s detached: %d client(s) told to reconnect", self.worker_id,
-                    len(released))  # fmt: skip
-        return len(released)
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        released = await self.worker.detach(reason)
+        await self._stop_background()
+        return released
 
     async def get_client_lags(self, stream_id: str) -> dict[str, int]:
         """How many chunks each client is behind the stream's head (as of the last sweep in
         its process; this process's clients are current). Raises ``RESOURCE_NOT_FOUND``."""
-        self._check_initialized()
-        if not await self._registry.stream_exists(stream_id):
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        if not await self.registry.stream_exists(stream_id):
             raise StreamError(
                 GMIErrorCode.RESOURCE_NOT_FOUND,
                 f"stream {stream_id!r} does not exist",
                 stream_id=stream_id,
             )
-        delivered = await self._registry.delivered_seqs(stream_id)
-        for client_id, client in self._local.get(stream_id, {}).items():
-            delivered[client_id] = getattr(client, "delivered_seq", 0)
-        for client_id, bridge in self._bridges.get(stream_id, {}).items():
-            delivered[client_id] = bridge.delivery.delivered_seq
+        delivered = await self.registry.delivered_seqs(stream_id)
+        for (sid, client_id), follower in self.worker.followers.items():
+            if sid == stream_id and client_id in delivered:
+                delivered[client_id] = follower.delivered_seq
         state = (await self.history.states([stream_id])).get(stream_id)
         head = state.head_seq if state else 0
         return {client_id: max(0, head - seq) for client_id, seq in delivered.items()}
@@ -426,102 +446,31 @@ class StreamingManager:
         Lets an agent stop at once when a client cancels, without pushing first.
         Raises ``StreamError(RESOURCE_NOT_FOUND)``.
         """
-        self._check_initialized()
-        watch = self._watches.get(stream_id)
-        if watch is None:
-            channel = await self.layer.layer.new_channel("streaming.watch.")
-            await self.layer.watch(stream_id, channel)  # before reading, so no close slips by
-            watch = asyncio.create_task(self._watch(stream_id, channel), name=f"watch-{stream_id}")
-            self._watches[stream_id] = watch
-            watch.add_done_callback(lambda _: self._watches.pop(stream_id, None))
-            try:
-                stream = await self._registry.get_stream(stream_id)
-            except StreamError:
-                watch.cancel()
-                raise
-            if not stream.is_active:
-                watch.cancel()
-                return stream.close_reason
-        return await asyncio.shield(watch)
-
-    async def _watch(self, stream_id: str, channel: str) -> str:
-        try:
-            while True:
-                event = await self.layer.layer.receive(channel)
-                if event.get("type") == CLOSED:
-                    return str(event["reason"])
-        finally:
-            with contextlib.suppress(StreamError):
-                await self.layer.unwatch(stream_id, channel)
-
-    async def client_gone(self, stream_id: str, client_id: str) -> None:
-        """A transport's own disconnect: forget the client, tolerating that it is gone."""
-        await self._release_client(stream_id, client_id, notify=None)
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        return await self.watches.wait_closed(stream_id)
 
     async def report_send_failure(self, stream_id: str, client_id: str, exc: BaseException) -> None:
-        """A client could not be sent a chunk: apply ``on_client_send_error_behavior``."""
-        await self._on_send_failure(stream_id, client_id, exc, False)
+        """A client of another process could not be sent a chunk: with ``'throw'``, the
+        producer's next push raises it."""
+        self.stats["send_failures"] += 1
+        if self.config.on_client_send_error_behavior == "throw":
+            await self.history.record_failure(stream_id, client_id, f"{type(exc).__name__}: {exc}")
 
     def ensure_background(self) -> None:
-        """Start this process's sweeper (heartbeats, dead clients, inactivity) if not running."""
-        if self._sweeper is not None and not self._sweeper.done():
-            return
+        """Start this process's sweeper (heartbeat, dead clients, inactivity) if not running."""
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._sweeper = loop.create_task(self._sweep_forever(), name="streaming-sweeper")
-        install_shutdown_hook(self)
+        self.sweeper.start()
 
     async def sweep(self, *, dry_run: bool = False) -> SweepReport:
-        """One pass of background work: heartbeat this worker's clients, remove dead workers'
-        clients, record activity and close streams idle past their timeout.
+        """One pass of background work: heartbeat this worker, remove dead workers' clients,
+        record activity, close streams idle past their timeout, finish half-done closes.
 
         With ``dry_run`` nothing changes; the report says what would have been done."""
-        config = self.config
-        report = SweepReport()
-        if not dry_run:
-            delivered = {
-                (stream_id, client_id): getattr(client, "delivered_seq", 0)
-                for stream_id, clients in self._local.items()
-                for client_id, client in clients.items()
-            }
-            await self._registry.heartbeat(self.worker_id, delivered)
-        for ref in await self._registry.reap_dead_clients(
-            timedelta(seconds=app_settings.CLIENT_TIMEOUT_SECONDS), dry_run=dry_run
-        ):
-            if dry_run and ref.worker_id == self.worker_id:
-                continue  # a real sweep heartbeats its own clients first: they would stay
-            logger.warning(
-                "reaped client %s of stream %s: worker %s stopped sending heartbeats",
-                ref.client_id, ref.stream_id, ref.worker_id,
-            )  # fmt: skip
-            report.reaped_clients.append((ref.stream_id, ref.client_id))
-            if not dry_run:
-                with contextlib.suppress(StreamError):
-                    await self.layer.leave(ref.stream_id, ref.channel_name)
-        active = await self._registry.active_streams()
-        states = await self.history.states(s.id for s in active)
-        if not dry_run:
-            await self._record_activity([s.id for s in active], states)
-        now = time.time()
-        for stream in active:
-            timeout_ms = stream.inactivity_timeout_ms or config.default_stream_inactivity_timeout_ms
-            state = states.get(stream.id)
-            last = state.last_activity if state else stream.last_activity_at.timestamp()
-            if (now - last) * 1000 > timeout_ms:
-                report.closed_idle.append(stream.id)
-                if not dry_run:
-                    await self.close_stream(
-                        stream.id, f"Closed after {timeout_ms / 1000:g} s of inactivity"
-                    )
-        if dry_run:
-            return report
-        await self._nudge_stragglers()
-        expire = getattr(self.history, "expire_closed", None)
-        if expire is not None:
-            expire()
-        return report
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        return await self.sweeper.sweep(dry_run=dry_run)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -533,30 +482,28 @@ class StreamingManager:
             chunk, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES
         )
         throw = raise_failures and config.on_client_send_error_behavior == "throw"
-        bridges = self._bridges.get(stream_id)
+        bridges = self.worker.bridges.get(stream_id)
         # The fast path publishes inside the append; plain clients in this process need the
         # slow one, which registers their waiters between the two.
-        fast = bool(self._publish_prefix) and not bridges
+        publish_to = ""
+        if self._publish_prefix and not bridges and await self._fast_path():
+            publish_to = self._publish_prefix + stream_id
         result: AppendResult
         try:
-            if fast:
-                result = await self.history.append_and_publish(  # type: ignore[attr-defined]
-                    stream_id, chunk_json, take_failures=throw,
-                    publish_to=self._publish_prefix + stream_id,
-                )  # fmt: skip
-            else:
-                result = await self.history.append(stream_id, chunk_json, take_failures=throw)
+            result = await self.history.append(
+                stream_id, chunk_json, take_failures=throw, publish_to=publish_to
+            )
         except StreamError as exc:
             if exc.code is GMIErrorCode.RESOURCE_NOT_FOUND:
                 await self._history_lost(stream_id)
             raise
         except Exception as exc:
-            raise _backend_error(stream_id, "history", exc) from exc
+            raise self._backend_error(stream_id, "history", exc) from exc
         if result.seq is None:
             raise _send_failed(stream_id, result.failed_clients, pushed=False)
         seq = result.seq
         self.stats["chunks_pushed"] += 1
-        if fast:
+        if publish_to:
             return seq
         # Wait for this process's bridged clients: registered before publishing, so a bridge
         # that is quicker than us still reports to the waiter.
@@ -577,11 +524,50 @@ class StreamingManager:
                 raise _send_failed(stream_id, failed, pushed=True, seq=seq)
         return seq
 
+    async def _fast_path(self) -> bool:
+        """Whether the one-round-trip push works here: proven once per process by publishing
+        through the history's script and receiving the event through the layer. On failure
+        it is logged and pushes use append, then ``group_send``."""
+        if self._fast_path_proven is None:
+            self._fast_path_proven = asyncio.get_running_loop().create_future()
+            try:
+                proven = await self._prove_fast_path()
+            except Exception as exc:
+                logger.error("one-round-trip push disabled: its self-test failed: %s: %s",
+                             type(exc).__name__, exc)  # fmt: skip
+                proven = False
+            self.stats["fast_path_proven" if proven else "fast_path_failed"] = 1
+            self._fast_path_proven.set_result(proven)
+        return await asyncio.shield(self._fast_path_proven)
+
+    async def _prove_fast_path(self) -> bool:
+        probe = f"__probe__.{uuid.uuid4().hex}"
+        inbox_layer = self.layer.layer
+        channel = await inbox_layer.new_channel("streaming.probe.")
+        inbox = Inbox(inbox_layer)
+        inbox.name = channel
+        try:
+            await inbox_layer.group_add(group_name(probe), channel)
+            await self.history.open(probe)
+            text = '{"probe":true}'
+            await self.history.append(probe, text, take_failures=False,
+                                      publish_to=self._publish_prefix + probe)  # fmt: skip
+            async with asyncio.timeout(5):
+                event = await inbox.get()
+            await inbox_layer.group_discard(group_name(probe), channel)
+        finally:
+            await inbox.close()
+            await self.history.forget(probe)
+        if event != {"type": CHUNK, "seq": 1, "chunk": text}:
+            logger.error("one-round-trip push disabled: the layer received %r", event)
+            return False
+        return True
+
     async def _history_lost(self, stream_id: str) -> None:
         """The history no longer knows a stream the database calls active (Redis restarted
         empty): close it, so clients learn it instead of waiting; raises the reason."""
         try:
-            stream = await self._registry.get_stream(stream_id)
+            stream = await self.registry.get_stream(stream_id)
         except StreamError:
             return  # unknown to both: the caller's RESOURCE_NOT_FOUND stands
         if not stream.is_active:
@@ -599,136 +585,21 @@ class StreamingManager:
             stream_id=stream_id,
         )
 
-    async def _on_send_failure(
-        self, stream_id: str, client_id: str, exc: BaseException, reported_inline: bool
-    ) -> None:
-        behavior = self.config.on_client_send_error_behavior
-        self.stats["send_failures"] += 1
-        logger.warning(
-            "send to client %s of stream %s failed (%s): %s: %s",
-            client_id, stream_id, behavior, type(exc).__name__, exc,
-        )  # fmt: skip
-        await self._registry.add_send_failure(stream_id, client_id)
-        if behavior == "deregister_client":
-            await self._release_client(stream_id, client_id, notify="send failed", close=True)
-        elif behavior == "throw" and not reported_inline:
-            await self.history.record_failure(stream_id, client_id, f"{type(exc).__name__}: {exc}")
+    def _backend_error(self, stream_id: str, what: str, exc: BaseException) -> StreamError:
+        logger.error("stream %s: %s backend failed: %s: %s", stream_id, what,
+                     type(exc).__name__, exc)  # fmt: skip
+        return backend_error(stream_id, what, exc)
 
-    async def _release_client(
-        self, stream_id: str, client_id: str, *, notify: str | None, close: bool = False
-    ) -> bool:
-        ref = await self._registry.remove_client(stream_id, client_id)
-        local = self._local.get(stream_id)
-        if local is not None:
-            local.pop(client_id, None)
-            if not local:
-                del self._local[stream_id]
-        bridge = self._bridges.get(stream_id, {}).get(client_id)
-        if ref is None:
-            return False
-        with contextlib.suppress(StreamError):
-            await self.layer.leave(stream_id, ref.channel_name)
-        if bridge is not None:
-            await bridge.stop()
-            self._drop_bridge(stream_id, bridge)
-            closer = getattr(bridge.client, "close", None)
-            if close and closer is not None:
-                try:
-                    await closer(notify or "deregistered")
-                except Exception:
-                    logger.exception("closing client %s failed", client_id)
-        elif notify is not None:
-            await self.layer.tell_deregistered(
-                stream_id, ref.channel_name, notify, CloseCode.DEREGISTERED
-            )
-        logger.info("client %s left stream %s", client_id, stream_id)
-        return True
-
-    async def _nudge_stragglers(self) -> None:
-        """Tell this process's clients that are behind (and made no progress since the last
-        sweep) or still open on a closed stream to catch up: their channel may have dropped
-        the events (channel layer capacity, a Redis reconnect)."""
-        clients: dict[tuple[str, str], tuple[str, int]] = {}
-        for stream_id, local in self._local.items():
-            for client_id, client in local.items():
-                position = getattr(client, "delivered_seq", 0)
-                clients[stream_id, client_id] = (client.channel_name, position)
-        for stream_id, bridges in self._bridges.items():
-            for client_id, bridge in bridges.items():
-                clients[stream_id, client_id] = (bridge.channel_name, bridge.delivery.delivered_seq)
-        states = await self.history.states({stream_id for stream_id, _ in clients})
-        positions: dict[tuple[str, str], int] = {}
-        for key, (channel, position) in clients.items():
-            state = states.get(key[0])
-            positions[key] = position
-            if state is None:  # history forgot the stream: nothing more can come; say so
-                state = StreamState(0, 1, True, HISTORY_LOST_REASON, 0.0)
-            stalled = position < state.head_seq and self._positions.get(key) == position
-            if state.closed or stalled:
-                logger.warning(
-                    "client %s of stream %s is at seq %d of %d%s: nudging it",
-                    key[1], key[0], position, state.head_seq, " (closed)" if state.closed else "",
-                )  # fmt: skip
-                self.stats["clients_nudged"] += 1
-                with contextlib.suppress(StreamError):
-                    await self.layer.nudge(
-                        key[0], channel, state.head_seq, state.closed, state.close_reason
-                    )
-        self._positions = positions
-
-    def _drop_bridge(self, stream_id: str, bridge: ChannelBridge) -> None:
-        bridges = self._bridges.get(stream_id)
-        if bridges is not None and bridges.get(bridge.id) is bridge:
-            del bridges[bridge.id]
-            if not bridges:
-                del self._bridges[stream_id]
-
-    async def _record_activity(self, stream_ids: list[str], states: Any = None) -> None:
-        if states is None:
-            states = await self.history.states(stream_ids)
-        changed = {
-            sid: st for sid, st in states.items() if self._recorded_heads.get(sid) != st.head_seq
-        }
-        if changed:
-            await self._registry.record_activity(changed)
-            self._recorded_heads.update({sid: st.head_seq for sid, st in changed.items()})
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(app_settings.SWEEP_INTERVAL_SECONDS)
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("streaming sweeper of worker %s failed", self.worker_id)
-
-    async def _stop_local_work(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        for bridges in list(self._bridges.values()):
-            for bridge in list(bridges.values()):
-                await bridge.stop()
-        self._bridges.clear()
-        self._local.clear()
-        for watch in list(self._watches.values()):
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+    async def _stop_background(self) -> None:
+        await self.sweeper.stop()
+        await self.worker.stop()
+        await self.watches.stop()
 
     def cancel_background(self) -> None:
         """Cancel background tasks without awaiting them (for sync callers resetting us)."""
-        for watch in self._watches.values():
-            watch.cancel()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for bridges in self._bridges.values():
-            for bridge in bridges.values():
-                if bridge._task is not None:
-                    bridge._task.cancel()
+        self.watches.cancel()
+        self.sweeper.cancel()
+        self.worker.cancel()
 
 
 def _send_failed(
@@ -742,15 +613,6 @@ def _send_failed(
         stream_id=stream_id,
         client_id=sorted(failed)[0],
         details={"failed_clients": failed, "pushed": pushed, "seq": seq},
-    )
-
-
-def _backend_error(stream_id: str, what: str, exc: BaseException) -> StreamError:
-    logger.error("stream %s: %s backend failed: %s", stream_id, what, exc)
-    return StreamError(
-        GMIErrorCode.BACKEND_UNAVAILABLE,
-        f"the {what} backend is unavailable for stream {stream_id!r}: {exc}",
-        stream_id=stream_id,
     )
 
 

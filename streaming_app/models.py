@@ -73,6 +73,23 @@ class Stream(models.Model):
         return self.status == self.Status.ACTIVE
 
 
+class StreamWorker(models.Model):
+    """A process that serves clients; its heartbeat says it is alive (one row per worker)."""
+
+    id = models.CharField(_("id"), primary_key=True, max_length=128)
+    started_at = models.DateTimeField(_("started"), default=timezone.now)
+    last_seen_at = models.DateTimeField(_("last heartbeat"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("stream worker")
+        verbose_name_plural = _("stream workers")
+        ordering = ["started_at"]
+        indexes = [models.Index(fields=["last_seen_at"], name="streaming_worker_seen")]
+
+    def __str__(self) -> str:
+        return self.id
+
+
 class StreamClient(models.Model):
     """A client subscribed to a stream, served by the process named in ``worker_id``."""
 

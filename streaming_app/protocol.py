@@ -42,6 +42,7 @@ class CloseCode(IntEnum):
     STREAM_GONE = 4410  # the stream was already closed when the client subscribed
     DEREGISTERED = 4411  # the manager removed this client (deregister, send failures)
     STREAM_FULL = 4429  # max_clients_per_stream reached
+    INTERNAL_ERROR = 4500  # a bug in the server (logged with its traceback)
     UNAVAILABLE = 4503  # the streaming backend is not reachable
 
 

@@ -19,7 +19,7 @@ from redis.commands.core import AsyncScript
 
 from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
-from .history import AppendResult, Replay, StreamState
+from .history import AppendResult, Closed, Replay, StreamState
 
 # Keys of open streams outlive idle periods by this much at least (their inactivity timeout
 # closes them long before); closed streams keep their history for HISTORY_MAX_AGE_SECONDS.
@@ -56,12 +56,14 @@ return {seq}
 
 CLOSE = """
 local meta = KEYS[1]
-if redis.call('EXISTS', meta) == 0 then return -1 end
+if redis.call('EXISTS', meta) == 0 then return {-1, 0} end
+local was_open = 0
 if redis.call('HGET', meta, 'closed') ~= '1' then
   redis.call('HSET', meta, 'closed', '1', 'reason', ARGV[1], 'closed_at', ARGV[2])
   for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+  was_open = 1
 end
-return tonumber(redis.call('HGET', meta, 'head'))
+return {tonumber(redis.call('HGET', meta, 'head')), was_open}
 """
 
 
@@ -72,6 +74,8 @@ def _keys(stream_id: str) -> tuple[str, str, str]:
 
 class RedisHistory:
     """The History protocol over Redis (redis-py's asyncio client, one per event loop)."""
+
+    shared = True
 
     def __init__(
         self, url: str, *, max_chunks: int, max_age_seconds: float, max_connections: int = 200
@@ -95,9 +99,14 @@ class RedisHistory:
             max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
         )
 
-    def serves(self, address: str) -> bool:
-        """Whether ``address`` (a Redis URL) is the server this history uses."""
-        return _server(address) == _server(self.url)
+    def publish_prefix(self, layer_target: tuple[str, str] | None) -> str:
+        """The layer's group channel prefix when the layer's Redis is this history's."""
+        if layer_target is None or _server(layer_target[0]) != _server(self.url):
+            return ""
+        return layer_target[1]
+
+    def expire_closed(self) -> list[str]:
+        return []  # Redis expires closed streams' keys itself
 
     def _client(self) -> tuple[Redis, AsyncScript, AsyncScript]:
         # redis-py's connections belong to the loop that opened them: one client per loop.
@@ -124,13 +133,10 @@ class RedisHistory:
             pipe.expire(meta, OPEN_TTL_SECONDS)
             await pipe.execute()
 
-    async def append(self, stream_id: str, chunk_json: str, *, take_failures: bool) -> AppendResult:
-        return await self.append_and_publish(stream_id, chunk_json, take_failures=take_failures)
-
-    async def append_and_publish(
+    async def append(
         self, stream_id: str, chunk_json: str, *, take_failures: bool, publish_to: str = ""
     ) -> AppendResult:
-        """``append``, and when ``publish_to`` names a Redis pub/sub channel, publish the
+        """Append; when ``publish_to`` names a Redis pub/sub channel, publish the
         ``stream.chunk`` event there in the same round trip."""
         _, append, _ = self._client()
         args: list[str | int | float] = [
@@ -176,10 +182,10 @@ class RedisHistory:
         ]
         return Replay(entries=held, head_seq=int(head or 0))
 
-    async def close(self, stream_id: str, reason: str) -> int | None:
+    async def close(self, stream_id: str, reason: str) -> Closed | None:
         _, _, close = self._client()
-        head = await close(keys=_keys(stream_id), args=[reason, time.time(), self._ttl])
-        return None if int(head) == -1 else int(head)
+        head, was_open = await close(keys=_keys(stream_id), args=[reason, time.time(), self._ttl])
+        return None if int(head) == -1 else Closed(int(head), bool(int(was_open)))
 
     async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
         ids = list(stream_ids)

@@ -14,12 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from .exceptions import GMIErrorCode, StreamError
 from .history import StreamState
-from .models import Stream, StreamClient
+from .models import Stream, StreamClient, StreamWorker
 
 if TYPE_CHECKING:  # channels is untyped; its wrapper has asgiref's signature
     from asgiref.sync import sync_to_async as database_sync_to_async
@@ -72,6 +72,14 @@ def _not_found(stream_id: str) -> StreamError:
     return StreamError(
         GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist", stream_id=stream_id
     )
+
+
+def alive(cutoff: datetime) -> Q:
+    """Client rows not known to be dead: their worker's heartbeat is newer than ``cutoff``, or
+    (a worker that has not sent one yet) the row itself is."""
+    fresh = StreamWorker.objects.filter(last_seen_at__gte=cutoff).values("id")
+    known = StreamWorker.objects.values("id")
+    return Q(worker_id__in=fresh) | (~Q(worker_id__in=known) & Q(last_seen_at__gte=cutoff))
 
 
 def _lock_for_create() -> None:
@@ -130,8 +138,13 @@ class Registry:
             raise _not_found(stream_id) from None
 
     @database_sync_to_async
-    def add_client(self, stream_id: str, new: NewClient, *, limit: float) -> None:
-        """Insert a client row unless the stream is unknown, closed, full or has it already."""
+    def add_client(
+        self, stream_id: str, new: NewClient, *, limit: float, alive_after: datetime
+    ) -> None:
+        """Insert a client row unless the stream is unknown, closed, full or has it already.
+
+        Clients of workers known to be dead (no heartbeat since ``alive_after``) do not count.
+        """
         with transaction.atomic():
             stream = Stream.objects.select_for_update().filter(pk=stream_id).first()
             if stream is None:
@@ -152,7 +165,7 @@ class Registry:
                     stream_id=stream_id,
                     client_id=new.client_id,
                 )
-            count = clients.count()
+            count = clients.filter(alive(alive_after)).count()
             if count >= limit:
                 raise StreamError(
                     GMIErrorCode.RATE_LIMIT_EXCEEDED,
@@ -256,33 +269,64 @@ class Registry:
         )
 
     @database_sync_to_async
-    def heartbeat(self, worker_id: str, delivered: dict[tuple[str, str], int]) -> None:
-        """Mark this worker's clients as alive and store how far each has been served."""
+    def heartbeat(
+        self,
+        worker_id: str,
+        held: set[tuple[str, str]],
+        positions: dict[tuple[str, str], int],
+        held_at: datetime,
+    ) -> set[tuple[str, str]]:
+        """Mark the worker alive, store clients' positions, delete its rows for clients it
+        does not hold; the held clients of active streams whose rows are gone (another worker
+        reaped them)."""
         now = timezone.now()
         with transaction.atomic():
-            StreamClient.objects.filter(worker_id=worker_id).update(last_seen_at=now)
-            for (stream_id, client_id), seq in delivered.items():
-                StreamClient.objects.filter(stream_id=stream_id, client_id=client_id).update(
-                    delivered_seq=seq
+            StreamWorker.objects.bulk_create(
+                [StreamWorker(id=worker_id, last_seen_at=now)],
+                update_conflicts=True, unique_fields=["id"], update_fields=["last_seen_at"],
+            )  # fmt: skip
+            rows = StreamClient.objects.filter(worker_id=worker_id).values_list(
+                "pk", "stream_id", "client_id", "connected_at"
+            )
+            present = {(s, c): pk for pk, s, c, _ in rows}
+            # A row newer than the list of held clients may be a registration under way.
+            stale = [pk for pk, s, c, at in rows if (s, c) not in held and at < held_at]
+            if stale:
+                StreamClient.objects.filter(pk__in=stale).delete()
+            for (stream_id, client_id), seq in positions.items():
+                if (stream_id, client_id) in present:
+                    StreamClient.objects.filter(pk=present[stream_id, client_id]).update(
+                        delivered_seq=seq, last_seen_at=now
+                    )
+            missing = held - set(present)
+            if missing:  # a closed stream's rows went with the close: not lost, closing
+                active = set(
+                    Stream.objects.filter(
+                        pk__in={stream_id for stream_id, _ in missing}, status=Stream.Status.ACTIVE
+                    ).values_list("pk", flat=True)
                 )
+                missing = {key for key in missing if key[0] in active}
+        return missing
 
     @database_sync_to_async
     def reap_dead_clients(self, older_than: timedelta, *, dry_run: bool = False) -> list[ClientRef]:
-        """Delete clients whose worker stopped sending heartbeats; what was (or would be)
-        removed."""
+        """Delete clients of workers that stopped sending heartbeats (and those workers' rows);
+        what was (or would be) removed."""
         cutoff = timezone.now() - older_than
         with transaction.atomic():
-            rows = StreamClient.objects.filter(last_seen_at__lt=cutoff)
+            rows = StreamClient.objects.exclude(alive(cutoff))
             refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
             if not dry_run:
                 rows.delete()
+                StreamWorker.objects.filter(last_seen_at__lt=cutoff).delete()
         return refs
 
     @database_sync_to_async
-    def remove_worker_clients(self, worker_id: str) -> list[ClientRef]:
-        """Delete every client served by one worker (its graceful shutdown)."""
+    def remove_worker(self, worker_id: str) -> list[ClientRef]:
+        """Delete every client served by one worker, and the worker (its graceful stop)."""
         with transaction.atomic():
             rows = StreamClient.objects.filter(worker_id=worker_id)
             refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
             rows.delete()
+            StreamWorker.objects.filter(pk=worker_id).delete()
         return refs

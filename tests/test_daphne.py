@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import urllib.request
 from http.cookiejar import CookieJar
 from pathlib import Path
+from typing import Any
 
 import websockets
 
@@ -73,25 +75,39 @@ async def test_other_session_is_refused(tmp_path: Path) -> None:
 
 
 async def test_stopping_a_worker_tells_its_clients_to_reconnect(tmp_path: Path) -> None:
+    """SIGTERM to a worker that has served only WebSockets for a while (no HTTP request for
+    more than 3 s): every client gets ``reconnect`` with its cursor and 4012, no row stays."""
     database_url = migrated_sqlite(tmp_path)
     env = base_env(DATABASE_URL=database_url)
     server = DaphneServer(env, log=tmp_path / "daphne.log").start()
     try:
-        stream_id, cookie = start_turn(server, " ".join(["word"] * 200))  # a long reply
-        async with websockets.connect(
-            f"{server.ws_url}/ws/streams/{stream_id}/",
-            additional_headers={"Cookie": cookie, "Origin": server.http_url},
-        ) as ws:
-            first = json.loads(await ws.recv())
-            assert first["type"] == "subscribed"
-            await ws.recv()  # streaming is under way
+        stream_id, cookie = start_turn(server, " ".join(["word"] * 400))  # a long reply
+        headers = {"Cookie": cookie, "Origin": server.http_url}
+        url = f"{server.ws_url}/ws/streams/{stream_id}/"
+        async with (
+            websockets.connect(url, additional_headers=headers) as first,
+            websockets.connect(url, additional_headers=headers) as second,
+        ):
+            frames: dict[Any, list[dict[str, Any]]] = {first: [], second: []}
+            loop = asyncio.get_running_loop()
+            quiet_since = loop.time()  # the last HTTP request was before this
+            while loop.time() - quiet_since < 3.5:  # only WebSocket traffic meanwhile
+                for ws in (first, second):
+                    frames[ws].append(json.loads(await ws.recv()))
+            assert frames[first][-1]["type"] == "chunk", "the reply ended too soon"
             server.process.terminate()  # type: ignore[union-attr]  # SIGTERM, as on a deploy
-            frames = await read_frames(ws)
-        assert ws.close_code == CloseCode.SERVICE_RESTART, server.log()
+            for ws in (first, second):
+                frames[ws] += await read_frames(ws)
+        codes = [first.close_code, second.close_code]
+        assert codes == [CloseCode.SERVICE_RESTART] * 2, server.log()
+        assert server.process.wait(10) == 0  # type: ignore[union-attr]
     finally:
         server.stop()
-    assert frames[-1]["type"] == "reconnect"
-    assert frames[-1]["last_seq"] >= 1
+    for ws in (first, second):
+        chunks = [f["seq"] for f in frames[ws] if f["type"] == "chunk"]
+        assert chunks == list(range(1, len(chunks) + 1))
+        assert frames[ws][-1] == {"type": "reconnect", "reason": "Server shutting down",
+                                  "last_seq": chunks[-1]}  # fmt: skip
     counts = manage("shell", "--no-imports", "-c", "from streaming_app.models import StreamClient;"
                     "print(StreamClient.objects.count())", env=env)  # fmt: skip
     assert counts.stdout.strip() == "0", counts.stderr
