@@ -16,6 +16,7 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.test import override_settings
 
 from streaming_app.chunks import encode_chunk
+from streaming_app.exceptions import GMIErrorCode, StreamError
 from streaming_app.manager import StreamingManager, get_streaming_manager
 from streaming_app.models import StreamClient as StreamClientRow
 from streaming_app.protocol import CloseCode
@@ -188,6 +189,7 @@ async def test_overflowing_channel_is_repaired_from_history(
         ("forbidden", CloseCode.FORBIDDEN, "PERMISSION_DENIED"),
         ("full", CloseCode.STREAM_FULL, "RATE_LIMIT_EXCEEDED"),
         ("bad_last_seq", CloseCode.BAD_REQUEST, "INVALID_ARGUMENT"),
+        ("last_seq_past_bigint", CloseCode.BAD_REQUEST, "INVALID_ARGUMENT"),
     ],
 )
 @override_settings(STREAMING_APP={"MAX_CLIENTS_PER_STREAM": 1})
@@ -209,10 +211,15 @@ async def test_refusals_have_their_own_close_codes(
         await (await connect(stream_id)).frame()
     elif case == "bad_last_seq":
         query = "last_seq=-4"
+    elif case == "last_seq_past_bigint":  # stored as a signed 64-bit integer
+        query = "last_seq=9223372036854775808"
     peer = await connect(stream_id, query=query, session=session)
     frames, close_code = await peer.frames_until_close()
     assert close_code == code
     assert [f["code"] for f in frames] == [error]
+    expected = 1 if case == "full" else 0  # a refused client leaves no row behind
+    if case != "unknown":
+        assert await manager.get_client_count_for_stream(stream_id) == expected
 
 
 async def test_owner_and_staff_may_subscribe(manager: StreamingManager, connect: Any) -> None:
@@ -232,7 +239,8 @@ async def test_malformed_frames_get_an_error_and_the_socket_stays(
     stream_id = await manager.create_stream(session_key=session_key)
     peer = await connect(stream_id)
     await peer.frame()
-    for bad in ("not json", "[1, 2]", {"type": "dance"}):
+    nested = "[" * 2000 + "]" * 2000  # 4 KB that the JSON parser cannot take (RecursionError)
+    for bad in ("not json", "[1, 2]", {"type": "dance"}, nested):
         await peer.send(bad)
         assert (await peer.frame())["code"] == "bad_frame"
     await peer.send({"type": "ping"})
@@ -378,7 +386,7 @@ async def test_resume_while_chunks_keep_arriving_has_no_gap_and_no_duplicate(
     CHANNEL_LAYERS={"default": {"BACKEND": "channels.layers.InMemoryChannelLayer",
                                 "CONFIG": {"capacity": 5}}}
 )  # fmt: skip
-async def test_sweeper_repairs_a_client_whose_channel_dropped_the_tail_and_the_close(
+async def test_sweeper_repairs_a_client_whose_channel_dropped_the_tail(
     connect: Any, session_key: str, slow_consumer: None
 ) -> None:
     manager = get_streaming_manager()  # after the override
@@ -398,19 +406,54 @@ async def test_sweeper_repairs_a_client_whose_channel_dropped_the_tail_and_the_c
     await manager.sweep()  # no progress since: nudged
     rest = [await peer.frame() for _ in range(20 - got)]
     assert texts(rest) == [str(i) for i in range(got + 1, 21)]
-    for i in range(21, 81):
-        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
-    await manager.close_stream(stream_id, "done")  # dropped too: the channel is full again
-    frames = []
-    while not await peer.silent():
-        frames.append(await peer.frame())
-    assert all(f["type"] == "chunk" for f in frames)  # the closed event was dropped
-    await manager.sweep()  # a client still open on a closed stream is nudged at once
-    more, code = await peer.frames_until_close()
-    frames += more
-    assert texts(frames) == [str(i) for i in range(21, 81)], frames[-3:]
-    assert frames[-1] == {"type": "closed", "reason": "done", "last_seq": 80}
+    assert await peer.silent()
+
+
+async def test_sweeper_ends_a_client_that_missed_the_close(
+    manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    assert texts([await peer.frame()]) == ["1"]
+
+    async def lost(*args: Any, **kwargs: Any) -> None:
+        raise StreamError(GMIErrorCode.BACKEND_UNAVAILABLE, "publish lost")  # a Redis blip
+
+    with monkeypatch.context() as patch:
+        patch.setattr(manager.layer, "publish_closed", lost)
+        await manager.close_stream(stream_id, "done")  # closed in history and rows, not told
+    assert await peer.silent()
+    with pytest.raises(StreamError):  # nothing gets through after the close
+        await manager.push_chunk(stream_id, delta(stream_id, "2"))
+    await manager.close_stream(stream_id, "again")  # closed already: no second notice
+    await manager.sweep()  # a client still open on a closed stream is ended at once
+    frames, code = await peer.frames_until_close()
+    assert frames == [{"type": "closed", "reason": "done", "last_seq": 1}]
     assert code == CloseCode.STREAM_CLOSED
+
+
+async def test_a_bug_in_a_handler_is_logged_closes_4500_and_releases_the_client(
+    manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+
+    def bug(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("a bug")  # no test can cause a real bug in our code on purpose
+
+    monkeypatch.setattr("streaming_app.clients.item_frames", bug)
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    frames, code = await peer.frames_until_close()
+    assert code == CloseCode.INTERNAL_ERROR
+    assert frames == [{"type": "error", "code": "internal_error",
+                       "message": "internal server error"}]  # fmt: skip
+    assert await manager.get_client_count_for_stream(stream_id) == 0
+    record = next(r for r in caplog.records if r.getMessage().endswith("internal error"))
+    assert record.exc_info is not None and "a bug" in str(record.exc_info[1])
 
 
 async def test_a_failing_history_closes_with_4503_instead_of_crashing(
