@@ -40,10 +40,12 @@ class AppendResult:
 
 @dataclass(frozen=True)
 class Closed:
-    """What ``close`` found: the head seq, and whether this call closed it (else: already)."""
+    """What ``close`` found: the head seq, whether this call closed it (else: already), and
+    the reason it was closed with (the first close's)."""
 
     head_seq: int
     was_open: bool
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class MemoryHistory:
         was_open = not stream.closed
         if was_open:
             stream.closed, stream.close_reason, stream.closed_at = True, reason, time.time()
-        return Closed(stream.head_seq, was_open)
+        return Closed(stream.head_seq, was_open, stream.close_reason)
 
     async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
         now = time.time()

@@ -337,6 +337,8 @@ class StreamingManager:
             closed = await self.history.close(stream_id, reason)
         except Exception as exc:
             raise self._backend_error(stream_id, "history", exc) from exc
+        if closed is not None:
+            reason = closed.reason  # a close that is being finished keeps its first reason
         try:
             released = await self.registry.close_stream(stream_id, reason)
         except StreamError:

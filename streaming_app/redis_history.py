@@ -56,14 +56,14 @@ return {seq}
 
 CLOSE = """
 local meta = KEYS[1]
-if redis.call('EXISTS', meta) == 0 then return {-1, 0} end
+if redis.call('EXISTS', meta) == 0 then return {-1, 0, ''} end
 local was_open = 0
 if redis.call('HGET', meta, 'closed') ~= '1' then
   redis.call('HSET', meta, 'closed', '1', 'reason', ARGV[1], 'closed_at', ARGV[2])
   for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
   was_open = 1
 end
-return {tonumber(redis.call('HGET', meta, 'head')), was_open}
+return {tonumber(redis.call('HGET', meta, 'head')), was_open, redis.call('HGET', meta, 'reason')}
 """
 
 
@@ -184,8 +184,12 @@ class RedisHistory:
 
     async def close(self, stream_id: str, reason: str) -> Closed | None:
         _, _, close = self._client()
-        head, was_open = await close(keys=_keys(stream_id), args=[reason, time.time(), self._ttl])
-        return None if int(head) == -1 else Closed(int(head), bool(int(was_open)))
+        head, was_open, first_reason = await close(
+            keys=_keys(stream_id), args=[reason, time.time(), self._ttl]
+        )
+        if int(head) == -1:
+            return None
+        return Closed(int(head), bool(int(was_open)), _text(first_reason))
 
     async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
         ids = list(stream_ids)

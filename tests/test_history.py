@@ -69,8 +69,8 @@ async def test_close_is_idempotent_and_stops_appends(make: Make) -> None:
     history = make()
     await history.open("s")
     await history.append("s", "1", take_failures=False)
-    assert await history.close("s", "done") == Closed(head_seq=1, was_open=True)
-    assert await history.close("s", "again") == Closed(head_seq=1, was_open=False)
+    assert await history.close("s", "done") == Closed(head_seq=1, was_open=True, reason="done")
+    assert await history.close("s", "again") == Closed(head_seq=1, was_open=False, reason="done")
     with pytest.raises(StreamError) as info:
         await history.append("s", "2", take_failures=False)
     assert info.value.code is GMIErrorCode.STREAM_CLOSED

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Iterator
+
 import asyncio
 import math
 
@@ -486,3 +490,109 @@ async def test_idle_streams_are_closed_once_by_racing_sweepers() -> None:
     assert client.closed_reasons == ["Closed after 0.05 s of inactivity"]
     assert await first.get_active_stream_ids() == [busy]
     await first.shutdown()
+
+
+# -- a close that fails part-way -----------------------------------------------------------
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, to stop and start again (empty, as without
+    persistence) while the manager uses it."""
+
+    def __init__(self) -> None:
+        from .servers import free_port
+
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        import redis
+
+        for _ in range(200):
+            try:
+                with redis.Redis.from_url(self.url) as client:
+                    client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.kill()
+
+
+async def test_a_close_that_fails_half_way_is_a_stream_error_and_can_be_finished(
+    private_redis: PrivateRedis,
+) -> None:
+    settings = {"HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
+                "REDIS_URL": private_redis.url}  # fmt: skip
+    with override_settings(STREAMING_APP=settings):
+        manager = get_streaming_manager()
+        stream_id = await manager.create_stream()
+        client = RecordingClient("watcher")
+        await manager.register_client(stream_id, client)
+        await manager.push_chunk(stream_id, delta(stream_id, "1"))
+        private_redis.kill()  # the history's Redis goes away
+        with pytest.raises(StreamError) as info:
+            await manager.close_stream(stream_id, "done")
+        assert info.value.code is GMIErrorCode.BACKEND_UNAVAILABLE
+        with pytest.raises(StreamError) as info:
+            await manager.push_chunk(stream_id, delta(stream_id, "2"))
+        assert info.value.code is GMIErrorCode.BACKEND_UNAVAILABLE
+        assert (await Stream.objects.aget(pk=stream_id)).is_active  # nothing half-done
+        private_redis.start()  # back, empty
+        await manager.close_stream(stream_id, "done")  # a retry finishes the close
+        await eventually(lambda: client.closed_reasons == ["done"])
+        assert not (await Stream.objects.aget(pk=stream_id)).is_active
+        assert client.texts == ["1"]
+        await manager.shutdown()
+
+
+async def test_a_close_stopped_after_the_history_is_finished_by_a_retry_or_the_sweeper(
+    manager: StreamingManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = await manager.create_stream("first"), await manager.create_stream("second")
+    clients = {sid: RecordingClient(f"on-{sid}") for sid in (first, second)}
+    for sid, client in clients.items():
+        await manager.register_client(sid, client)
+
+    async def database_down(*args: Any, **kwargs: Any) -> None:
+        from django.db import OperationalError
+
+        raise OperationalError("connection refused")  # the outage a test cannot stage here
+
+    with monkeypatch.context() as patch:
+        patch.setattr(manager.registry, "close_stream", database_down)
+        for sid in (first, second):
+            with pytest.raises(StreamError) as info:
+                await manager.close_stream(sid, f"{sid} done")
+            assert info.value.code is GMIErrorCode.BACKEND_UNAVAILABLE
+    for sid in (first, second):  # closed in the history: no push gets through any more
+        with pytest.raises(StreamError) as info:
+            await manager.push_chunk(sid, delta(sid, "late"))
+        assert info.value.code is GMIErrorCode.STREAM_CLOSED
+    await manager.close_stream(first, "retried")  # a retry is not a silent no-op
+    report = await manager.sweep()  # the sweeper finishes the other one
+    assert report.finished_closes == [second]
+    await eventually(lambda: all(c.closed_reasons for c in clients.values()))
+    assert clients[first].closed_reasons == ["first done"]  # the reason the history kept
+    assert clients[second].closed_reasons == ["second done"]
+    assert await manager.get_active_stream_ids() == []
