@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import subprocess
 import time
 from collections.abc import Iterator
-
-import asyncio
-import math
+from typing import Any
 
 import pytest
 from django.test import override_settings
