@@ -118,7 +118,22 @@ class RedisHistory:
             client = Redis.from_url(self.url, max_connections=self.max_connections)
             entry = (client, client.register_script(APPEND), client.register_script(CLOSE))
             self._clients[loop] = entry
+            self._close_with(loop)
         return entry
+
+    def _close_with(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the loop's connections when the loop closes (sync callers run each call in a
+        loop of its own, as channels_redis's layers also handle)."""
+        original = loop.close
+
+        def close() -> None:
+            entry = self._clients.pop(loop, None)
+            if entry is not None and not loop.is_running():
+                loop.run_until_complete(entry[0].aclose())
+            loop.close = original  # type: ignore[method-assign]
+            original()
+
+        loop.close = close  # type: ignore[method-assign]
 
     @property
     def _ttl(self) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,8 +24,30 @@ from streaming_app.protocol import CloseCode
 from streaming_app.routing import websocket_urlpatterns
 
 from .conftest import RecordingClient, delta, eventually
+from .servers import base_env, manage, migrated_sqlite
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def shared_backend(redis_url: str, **streaming: Any) -> dict[str, Any]:
+    """Settings with which a command reaches the serving processes: Redis for the channel
+    layer and the history."""
+    return {
+        "CHANNEL_LAYERS": {"default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [{"address": redis_url}]},
+        }},
+        "STREAMING_APP": {"HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
+                          "REDIS_URL": redis_url, **streaming},
+    }  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _shared(redis_url: str, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Commands that close or reap refuse on process-local backends: run them on Redis."""
+    extra = request.node.get_closest_marker("streaming")
+    with override_settings(**shared_backend(redis_url, **(extra.kwargs if extra else {}))):
+        yield
 
 
 def run(*args: str) -> str:
@@ -105,7 +129,7 @@ def test_shutdown_exits_non_zero_when_a_stream_cannot_be_closed(
     assert Stream.objects.get(pk="ok").status == "closed"
 
 
-@override_settings(STREAMING_APP={"DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": 60_000})
+@pytest.mark.streaming(DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS=60_000)
 def test_reap_closes_idle_streams_and_dead_clients_with_dry_run() -> None:
     idle, busy, short = create("idle"), create("busy"), create("short", inactivity_timeout_ms=1)
     old = timezone.now() - timedelta(minutes=5)
@@ -198,3 +222,25 @@ def test_close_says_which_were_closed_already() -> None:
     assert Stream.objects.get(pk="done").close_reason == "finished"
     with pytest.raises(CommandError, match="--reason must not be empty"):
         run("streaming_close", "open", "--reason", "")
+
+
+@pytest.mark.parametrize(
+    "args", [("streaming_close", "chat-1"), ("streaming_shutdown",), ("streaming_reap",)]
+)
+def test_commands_refuse_on_the_embedded_default_naming_redis_url(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """On the embedded default a command runs in a process no client is connected to: it
+    refuses instead of reporting a close nobody saw."""
+    env = base_env(DATABASE_URL=migrated_sqlite(tmp_path))
+    env.pop("REDIS_URL", None)
+    created = manage("shell", "--no-imports", "-c", "from streaming_app.models import Stream; "
+                     "Stream.objects.create(id='chat-1')", env=env)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    result = manage(*args, env=env)
+    assert result.returncode == 1
+    assert "REDIS_URL" in result.stderr
+    assert "Closed" not in result.stdout
+    status = manage("shell", "--no-imports", "-c", "from streaming_app.models import Stream; "
+                    "print(Stream.objects.get(id='chat-1').status)", env=env)  # fmt: skip
+    assert status.stdout.strip() == "active"

@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
 from streaming_app.exceptions import GMIError
-from streaming_app.manager import get_streaming_manager
+from streaming_app.management.base import reaching_manager
 from streaming_app.models import Stream
 
 
@@ -29,7 +29,7 @@ class Command(BaseCommand):
         missing = [i for i in ids if i not in status]
         if missing:  # refuse before closing anything: nothing half-done
             raise CommandError(f"No such stream: {', '.join(missing)}")
-        manager = get_streaming_manager()
+        manager = reaching_manager("close streams")
         failed: list[str] = []
         for stream_id in ids:
             if status[stream_id] != Stream.Status.ACTIVE:

@@ -14,7 +14,8 @@ from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
 from streaming_app.exceptions import GMIError
-from streaming_app.manager import SHUTDOWN_REASON, get_streaming_manager
+from streaming_app.management.base import reaching_manager
+from streaming_app.manager import SHUTDOWN_REASON
 from streaming_app.protocol import CloseCode
 
 
@@ -36,7 +37,7 @@ class Command(BaseCommand):
         if not options["reason"].strip():
             raise CommandError("--reason must not be empty: every client is shown it.")
         deadline = time.monotonic() + options["timeout"]
-        manager = get_streaming_manager()
+        manager = reaching_manager("shut streams down")
         ids = async_to_sync(manager.get_active_stream_ids)()
         failed: list[str] = []
         self.stdout.write(f"Closing {len(ids)} active stream(s)...")
