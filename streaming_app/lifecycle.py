@@ -58,7 +58,7 @@ class StreamingLifecycle:
                     from .manager import get_streaming_manager
 
                     get_streaming_manager().ensure_background()
-                except Exception as exc:
+                except Exception as exc:  # e.g. invalid settings: the server should not start
                     logger.exception("streaming worker failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
@@ -86,8 +86,24 @@ def install_daphne_hooks() -> bool:
         return False
     _hooked = True
     # Once running (its own handlers are installed during start-up), inside the event loop.
-    reactor.callWhenRunning(lambda: reactor.callLater(0, _take_over_signals))
+    reactor.callWhenRunning(lambda: reactor.callLater(0, _start_serving))
     return True
+
+
+def _start_serving() -> None:
+    _take_over_signals()
+    start_worker()
+
+
+def start_worker() -> None:
+    """Start this worker's background work (its heartbeat, reaping, inactivity) now, not at
+    its first client: a worker with no client of its own still reaps the dead's."""
+    from .manager import get_streaming_manager
+
+    try:
+        get_streaming_manager().ensure_background()
+    except Exception:
+        logger.exception("streaming worker failed to start its background work")
 
 
 def _take_over_signals() -> None:

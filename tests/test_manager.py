@@ -7,16 +7,18 @@ import math
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.test import override_settings
+from django.utils import timezone
 
 from streaming_app.chunks import ErrorChunk, FinalResponseChunk, TextDeltaChunk
 from streaming_app.conf import StreamingManagerConfig
 from streaming_app.exceptions import GMIError, GMIErrorCode, StreamError
 from streaming_app.manager import StreamingManager, get_streaming_manager
-from streaming_app.models import Stream, StreamClient
+from streaming_app.models import Stream, StreamClient, StreamWorker
 
 from .conftest import RecordingClient, delta, eventually
 
@@ -596,3 +598,27 @@ async def test_a_close_stopped_after_the_history_is_finished_by_a_retry_or_the_s
     assert clients[first].closed_reasons == ["first done"]  # the reason the history kept
     assert clients[second].closed_reasons == ["second done"]
     assert await manager.get_active_stream_ids() == []
+
+
+@override_settings(STREAMING_APP={"MAX_CLIENTS_PER_STREAM": 2, "CLIENT_TIMEOUT_SECONDS": 30})
+async def test_clients_of_a_worker_known_dead_do_not_hold_places() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream()
+    now = timezone.now()
+    await StreamWorker.objects.acreate(id="killed", last_seen_at=now - timedelta(seconds=40))
+    await StreamWorker.objects.acreate(id="alive", last_seen_at=now)
+    for client_id in ("lost-1", "lost-2"):  # a worker killed with -9, not yet reaped
+        await StreamClient.objects.acreate(
+            stream_id=stream_id, client_id=client_id, channel_name="x", worker_id="killed"
+        )
+    await StreamClient.objects.acreate(
+        stream_id=stream_id, client_id="elsewhere", channel_name="y", worker_id="alive"
+    )
+    await manager.register_client(stream_id, RecordingClient("back"))  # 1 live + 1: fits
+    with pytest.raises(StreamError) as info:
+        await manager.register_client(stream_id, RecordingClient("one-too-many"))
+    assert info.value.code is GMIErrorCode.RATE_LIMIT_EXCEEDED
+    report = await manager.sweep()
+    assert sorted(report.reaped_clients) == [(stream_id, "lost-1"), (stream_id, "lost-2")]
+    assert not await StreamWorker.objects.filter(id="killed").aexists()
+    await manager.shutdown()

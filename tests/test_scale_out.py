@@ -336,3 +336,73 @@ async def test_a_redis_restart_mid_stream_is_a_clear_error_never_a_silent_hole(
     # ... and the client was told how it ended instead of being left waiting
     assert frames[-1]["type"] in ("closed", "error", "gap", "reconnect"), frames[-3:]
     assert ws.close_code is not None
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the PostgreSQL server (DATABASE_URL's, or 127.0.0.1:5432)."""
+    url = os.environ.get("DATABASE_URL", "")
+    server = url if url.startswith("postgres") else "postgres://postgres@127.0.0.1:5432/postgres"
+    fresh = create_postgres_database(server)
+    yield fresh
+    drop_postgres_database(fresh)
+
+
+async def test_a_worker_cut_off_from_the_database_sends_its_clients_to_reconnect(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """Worker A loses the database for longer than the client timeout; worker B reaps A's
+    (live) client meanwhile. When A is back it notices and sends the client off with 4012 and
+    its cursor instead of serving a ghost; the client resumes on B."""
+    import uuid
+
+    import psycopg
+
+    role = f"cut_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(postgres_url, autocommit=True)
+    admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    admin.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"')
+    admin.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"')
+    server_url, name = postgres_url.rsplit("/", 1)
+    cut_url = f"postgres://{role}@{server_url.rsplit('@', 1)[1]}/{name}"
+    env_b = base_env(DATABASE_URL=postgres_url, REDIS_URL=redis_url,
+                     STREAMING_APP_JSON=json.dumps(SETTINGS))  # fmt: skip
+    env_a = {**env_b, "DATABASE_URL": cut_url}
+    a = DaphneServer(env_a, log=tmp_path / "a.log").start()
+    b = DaphneServer(env_b, log=tmp_path / "b.log").start()
+    try:
+        sid = manager_call(env_b, "out = await m.create_stream()")
+        async with AsyncExitStack() as stack:
+            ws = await subscribe(stack, a, sid)
+            assert manager_call(env_b, PUSH.format(first=1, last=3, sid=sid)) == [1, 2, 3]
+            assert chunk_seqs([json.loads(await ws.recv()) for _ in range(3)]) == [1, 2, 3]
+            admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE usename = %s", [role])  # fmt: skip
+            rows = "SELECT count(*) FROM streaming_app_streamclient WHERE stream_id = %s"
+            for _ in range(100):  # B reaps A's client once A's heartbeat is 2 s old
+                count = admin.execute(rows, [sid]).fetchone()
+                if count is not None and count[0] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert count == (0,), a.log()[-3000:] + b.log()[-3000:]
+            admin.execute(f'ALTER ROLE "{role}" LOGIN')  # A is back
+            frames = await asyncio.wait_for(read_frames(ws), 20)
+            assert ws.close_code == CloseCode.SERVICE_RESTART, a.log()
+            assert frames[-1]["type"] == "reconnect"
+            assert frames[-1]["last_seq"] == 3
+            back = await stack.enter_async_context(websockets.connect(
+                f"{b.ws_url}/ws/streams/{sid}/?last_seq=3",
+                additional_headers={"Origin": b.http_url},
+            ))  # fmt: skip
+            assert json.loads(await back.recv())["type"] == "subscribed"
+            assert manager_call(env_b, PUSH.format(first=4, last=5, sid=sid)) == [4, 5]
+            assert chunk_seqs([json.loads(await back.recv()) for _ in range(2)]) == [4, 5]
+            assert manager_call(env_b, f"out = await m.get_client_count_for_stream({sid!r})") == 1
+    finally:
+        a.stop()
+        b.stop()
+        admin.close()
+        drop_postgres_database(postgres_url)
+        with psycopg.connect(f"{server_url}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')
