@@ -219,9 +219,9 @@ class Follower:
         try:
             await self.write(ServerFrame.ERROR, frame(ServerFrame.ERROR, code=code,
                                                       message=message), None)  # fmt: skip
-        finally:
+        finally:  # released before the close goes out: whoever sees it sees the counts right
+            await self.release()
             await self.close_transport(close_code)
-            await self.release()  # nothing more will be sent: no need to wait for the peer
 
     async def crashed(self, exc: BaseException) -> None:
         """Something failed while serving: a backend failure is 4503 (come back later); anything
@@ -304,17 +304,25 @@ class Follower:
         except Exception as exc:
             logger.info("client %s of stream %s: last frame not sent: %s", self.client_id,
                         self.stream_id, exc)  # fmt: skip
-        await self.close_transport(code)
         await self.release()  # nothing more will be sent: no need to wait for the peer
+        await self.close_transport(code)
+
+    _releasing: asyncio.Future[None] | None = None
 
     async def release(self) -> None:
-        """Give back everything this client holds (once): its row, group membership, channel."""
-        if self.released:
-            return
-        self.released = True
+        """Give back everything this client holds: its row, group membership, channel. Runs
+        once, to the end, whoever asks and even if they are cancelled meanwhile."""
         self.ended = True
-        if self.worker is not None:
-            await self.worker.release(self)
+        if self._releasing is None:
+            self._releasing = asyncio.ensure_future(self._release())
+        await asyncio.shield(self._releasing)
+
+    async def _release(self) -> None:
+        try:
+            if self.worker is not None:
+                await self.worker.release(self)
+        finally:
+            self.released = True
 
 
 class ChannelBridge(Follower):
@@ -385,9 +393,11 @@ class ChannelBridge(Follower):
             self._settle(None)
             await self.release()
 
-    async def release(self) -> None:
-        await super().release()
-        await self.inbox.close()
+    async def _release(self) -> None:
+        try:
+            await super()._release()
+        finally:
+            await self.inbox.close()
 
     async def deliver(self, items: list[Chunk | Gap]) -> None:
         for item in items:

@@ -163,6 +163,7 @@ class Inbox:
         self.layer = layer
         self.name = ""
         self._pending: asyncio.Future[dict[str, Any]] | None = None
+        self._closing: asyncio.Future[None] | None = None
         self.closed = False
 
     async def open(self, prefix: str) -> str:
@@ -186,11 +187,16 @@ class Inbox:
         return self._pending
 
     async def close(self) -> None:
-        """Release the channel (idempotent); an unread message is dropped with a log line."""
-        if self.closed or not self.name:
-            self.closed = True
-            return
+        """Release the channel (once, whoever asks and even if they are cancelled meanwhile);
+        an unread message is dropped with a log line."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self.closed = True
+        if not self.name:
+            return
         receiver = self._pending
         self._pending = None
         if receiver is None:
@@ -200,8 +206,7 @@ class Inbox:
         try:
             message = await receiver
         except asyncio.CancelledError:
-            if (task := asyncio.current_task()) is not None and task.cancelling():
-                raise
+            pass  # the receive was cancelled: the layer let go of the channel
         except Exception:
             logger.exception("releasing channel %s failed", self.name)
         else:  # it had a message already: the layer still holds the channel

@@ -15,6 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from .conf import app_settings
@@ -115,7 +117,14 @@ class RedisHistory:
         if entry is None:
             for old in [lp for lp in self._clients if lp.is_closed()]:
                 del self._clients[old]
-            client = Redis.from_url(self.url, max_connections=self.max_connections)
+            # A server with an idle timeout closes pooled connections: ping one that was idle
+            # before using it, and reconnect once when the server closed it. (A command is
+            # retried only after a connection error: a server that closed the connection did
+            # not run it.)
+            client = Redis.from_url(
+                self.url, max_connections=self.max_connections, health_check_interval=10,
+                retry=Retry(NoBackoff(), 1),
+            )  # fmt: skip
             entry = (client, client.register_script(APPEND), client.register_script(CLOSE))
             self._clients[loop] = entry
             self._close_with(loop)

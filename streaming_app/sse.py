@@ -87,10 +87,12 @@ class EventStream(Follower):
                           "headers": [(b"content-type", b"application/json")]})  # fmt: skip
         await self._send({"type": "http.response.body", "body": json.dumps(exc.to_dict()).encode()})
 
-    async def release(self) -> None:
-        await super().release()
-        if self.inbox is not None:
-            await self.inbox.close()
+    async def _release(self) -> None:
+        try:
+            await super()._release()
+        finally:
+            if self.inbox is not None:
+                await self.inbox.close()
 
     # -- the response ---------------------------------------------------------------
 

@@ -29,6 +29,7 @@ class _Watch:
         self.waiters = 0
         self.inbox = Inbox(manager.layer.layer)
         self.task: asyncio.Task[None] | None = None
+        self._cleanup: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Join the control group (before reading the row, so no close slips by), then see
@@ -55,16 +56,27 @@ class _Watch:
                 if event.get("type") == CLOSED and not self.reason.done():
                     self.reason.set_result(str(event["reason"]))
         finally:
-            with contextlib.suppress(StreamError):
-                await self.manager.layer.unwatch(self.stream_id, self.inbox.name)
+            await self.clean_up()
+
+    async def clean_up(self) -> None:
+        """Leave the control group and give the channel back (once, to the end)."""
+        if self._cleanup is None:
+            self._cleanup = asyncio.ensure_future(self._leave())
+        await asyncio.shield(self._cleanup)
+
+    async def _leave(self) -> None:
+        try:
+            if self.inbox.name:
+                with contextlib.suppress(StreamError):
+                    await self.manager.layer.unwatch(self.stream_id, self.inbox.name)
+        finally:
             await self.inbox.close()
 
     async def stop(self) -> None:
         if self.task is not None:
-            self.task.cancel()
+            self.task.cancel()  # its clean-up is shielded: it runs to the end regardless
             await asyncio.wait([self.task])
-        else:
-            await self.inbox.close()
+        await self.clean_up()
         if not self.reason.done():
             self.reason.cancel()
         elif not self.reason.cancelled():

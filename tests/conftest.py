@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +15,14 @@ from channels.layers import channel_layers
 from streaming_app import manager as manager_module
 from streaming_app.chunks import AgentOSResponse, TextDeltaChunk
 from streaming_app.manager import StreamingManager, get_streaming_manager
+
+from .servers import (
+    SETTINGS,
+    base_env,
+    create_postgres_database,
+    drop_postgres_database,
+    migrated_sqlite,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -112,3 +123,21 @@ def redis_url(redis_proc: Any) -> str:
     with redis.Redis.from_url(url) as client:
         client.flushdb()
     return url
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL", "")
+    if url.startswith("postgres"):
+        fresh = create_postgres_database(url)
+        yield fresh
+        drop_postgres_database(fresh)
+    else:
+        yield migrated_sqlite(tmp_path)
+
+
+@pytest.fixture
+def env(database_url: str, redis_url: str) -> dict[str, str]:
+    return base_env(
+        DATABASE_URL=database_url, REDIS_URL=redis_url, STREAMING_APP_JSON=json.dumps(SETTINGS)
+    )

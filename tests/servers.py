@@ -6,6 +6,8 @@ every process the same ``DATABASE_URL`` (a migrated SQLite file, or PostgreSQL) 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -210,3 +212,65 @@ def drop_postgres_database(url: str) -> None:
     server, name = url.rsplit("/", 1)
     with psycopg.connect(f"{server}/postgres", autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# Settings of the multi-process tests: anyone may follow, quick sweeps and timeouts.
+SETTINGS = {
+    "CAN_SUBSCRIBE": "tests.servers.anyone",
+    "CAN_CANCEL": "tests.servers.anyone",
+    "SWEEP_INTERVAL_SECONDS": 0.5,
+    "CLIENT_TIMEOUT_SECONDS": 2,
+}
+
+
+def with_settings(env: dict[str, str], **options: Any) -> dict[str, str]:
+    return {**env, "STREAMING_APP_JSON": json.dumps({**SETTINGS, **options})}
+
+
+def manager_call(env: dict[str, str], body: str) -> Any:
+    """Run ``body`` (async code using ``m``, the process's manager) in a new process;
+    the JSON value it assigns to ``out``."""
+    code = (
+        "import asyncio, json\n"
+        "from streaming_app.manager import get_streaming_manager\n"
+        "from streaming_app.chunks import TextDeltaChunk\n"
+        "from streaming_app.exceptions import StreamError\n"
+        "async def main():\n"
+        "    m = get_streaming_manager()\n"
+        "    out = None\n"
+        + "".join(f"    {line}\n" for line in body.strip().splitlines())
+        + "    return out\n"
+        "print('OUT=' + json.dumps(asyncio.run(main())))\n"
+    )
+    stdout = run_python(code, env=env)
+    return json.loads(stdout.split("OUT=", 1)[1])
+
+
+class RedisServer:
+    """A redis-server of this test's own, which the test stops and starts again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)

@@ -110,3 +110,25 @@ async def test_memory_history_expires_closed_streams(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("streaming_app.history.time.time", lambda: clock)
     assert history.expire_closed() == ["b"]
     assert set(await history.states(["a", "b", "c"])) == {"c"}
+
+
+async def test_redis_history_survives_a_server_that_closes_idle_connections(
+    redis_url: str,
+) -> None:
+    import asyncio
+
+    import redis
+
+    history = RedisHistory(redis_url, max_chunks=10, max_age_seconds=60)
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.config_set("timeout", 1)  # the server drops connections idle for 1 s
+        try:
+            await history.open("idle")
+            await asyncio.gather(*(history.append("idle", str(i), take_failures=False)
+                                   for i in range(5)))  # several pooled connections  # fmt: skip
+            await asyncio.sleep(2.5)  # all of them closed by the server meanwhile
+            await asyncio.gather(*(history.read_after("idle", 0) for _ in range(5)))
+            assert (await history.append("idle", "after", take_failures=False)).seq == 6
+        finally:
+            admin.config_set("timeout", 0)
+            await history.aclose()

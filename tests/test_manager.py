@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import subprocess
-import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +20,7 @@ from streaming_app.manager import StreamingManager, get_streaming_manager
 from streaming_app.models import Stream, StreamClient, StreamWorker
 
 from .conftest import RecordingClient, delta, eventually
+from .servers import RedisServer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -497,52 +497,17 @@ async def test_idle_streams_are_closed_once_by_racing_sweepers() -> None:
 # -- a close that fails part-way -----------------------------------------------------------
 
 
-class PrivateRedis:
-    """A redis-server of this test's own, to stop and start again (empty, as without
-    persistence) while the manager uses it."""
-
-    def __init__(self) -> None:
-        from .servers import free_port
-
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        import redis
-
-        for _ in range(200):
-            try:
-                with redis.Redis.from_url(self.url) as client:
-                    client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-
-
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to stop and start again (empty) mid-test."""
+    server = RedisServer(tmp_path)
     server.start()
     yield server
-    server.kill()
+    server.stop()
 
 
 async def test_a_close_that_fails_half_way_is_a_stream_error_and_can_be_finished(
-    private_redis: PrivateRedis,
+    private_redis: RedisServer,
 ) -> None:
     settings = {"HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
                 "REDIS_URL": private_redis.url}  # fmt: skip
@@ -552,7 +517,7 @@ async def test_a_close_that_fails_half_way_is_a_stream_error_and_can_be_finished
         client = RecordingClient("watcher")
         await manager.register_client(stream_id, client)
         await manager.push_chunk(stream_id, delta(stream_id, "1"))
-        private_redis.kill()  # the history's Redis goes away
+        private_redis.stop()  # the history's Redis goes away
         with pytest.raises(StreamError) as info:
             await manager.close_stream(stream_id, "done")
         assert info.value.code is GMIErrorCode.BACKEND_UNAVAILABLE

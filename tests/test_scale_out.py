@@ -8,12 +8,8 @@ is a migrated SQLite file, or a fresh PostgreSQL database when the suite runs on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -25,45 +21,17 @@ import websockets
 from streaming_app.protocol import CloseCode
 
 from .servers import (
+    SETTINGS,
     DaphneServer,
+    RedisServer,
     base_env,
     create_postgres_database,
     drop_postgres_database,
-    free_port,
-    migrated_sqlite,
+    manager_call,
     read_frames,
-    run_python,
     start_python,
+    with_settings,
 )
-
-SETTINGS = {
-    "CAN_SUBSCRIBE": "tests.servers.anyone",
-    "CAN_CANCEL": "tests.servers.anyone",
-    "SWEEP_INTERVAL_SECONDS": 0.5,
-    "CLIENT_TIMEOUT_SECONDS": 2,
-}
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> Iterator[str]:
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith("postgres"):
-        fresh = create_postgres_database(url)
-        yield fresh
-        drop_postgres_database(fresh)
-    else:
-        yield migrated_sqlite(tmp_path)
-
-
-@pytest.fixture
-def env(database_url: str, redis_url: str) -> dict[str, str]:
-    return base_env(
-        DATABASE_URL=database_url, REDIS_URL=redis_url, STREAMING_APP_JSON=json.dumps(SETTINGS)
-    )
-
-
-def with_settings(env: dict[str, str], **options: Any) -> dict[str, str]:
-    return {**env, "STREAMING_APP_JSON": json.dumps({**SETTINGS, **options})}
 
 
 @pytest.fixture
@@ -72,25 +40,6 @@ def workers(env: dict[str, str], tmp_path: Path) -> Iterator[list[DaphneServer]]
     yield servers
     for server in servers:
         server.stop()
-
-
-def manager_call(env: dict[str, str], body: str) -> Any:
-    """Run ``body`` (async code using ``m``, the process's manager) in a new process;
-    the JSON value it assigns to ``out``."""
-    code = (
-        "import asyncio, json\n"
-        "from streaming_app.manager import get_streaming_manager\n"
-        "from streaming_app.chunks import TextDeltaChunk\n"
-        "from streaming_app.exceptions import StreamError\n"
-        "async def main():\n"
-        "    m = get_streaming_manager()\n"
-        "    out = None\n"
-        + "".join(f"    {line}\n" for line in body.strip().splitlines())
-        + "    return out\n"
-        "print('OUT=' + json.dumps(asyncio.run(main())))\n"
-    )
-    stdout = run_python(code, env=env)
-    return json.loads(stdout.split("OUT=", 1)[1])
 
 
 PUSH = """
@@ -253,36 +202,6 @@ async def test_throw_raises_for_a_failing_client_in_another_process(
     assert len(details["failed_clients"]) == 1
     assert next(iter(details["failed_clients"])).startswith("ws-")
     assert details["pushed"] is False
-
-
-class RedisServer:
-    """A redis-server of this test's own, which the test stops and starts again."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for _ in range(100):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
 
 
 PRODUCE_THROUGH_OUTAGE = """
