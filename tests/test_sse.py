@@ -169,3 +169,43 @@ async def test_sse_follows_a_demo_turn_through_daphne(tmp_path: Path) -> None:
     assert [int(e["id"]) for e in resumed if e["event"] == "chunk"] == list(
         range(31, len(chunks) + 1)
     )
+
+
+@override_settings(STREAMING_APP={"ON_CLIENT_SEND_ERROR_BEHAVIOR": "deregister_client"})
+async def test_a_failed_write_follows_the_send_error_policy(session_key: str) -> None:
+    from streaming_app.models import StreamClient
+    from streaming_app.sse import stream_events
+
+    manager = get_streaming_manager()  # after the override
+    stream_id = await manager.create_stream(session_key=session_key)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if b'"type":"chunk"' in message.get("body", b""):  # a peer whose line broke
+            raise ConnectionResetError("write failed")
+        sent.append(message)
+
+    disconnect = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "http.request", "body": b""}
+        await disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http", "method": "GET", "path": f"/streams/{stream_id}/events",
+        "query_string": b"", "headers": [], "user": AnonymousUser(),
+        "session": SessionStore(session_key=session_key),
+        "url_route": {"kwargs": {"stream_id": stream_id}},
+    }  # fmt: skip
+    serving = asyncio.create_task(stream_events(scope, receive, send))
+    while await manager.get_client_count_for_stream(stream_id) == 0:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    await manager.push_chunk(stream_id, delta(stream_id, "lost"))
+    await asyncio.wait_for(serving, 3)  # deregistered: the response ends
+    assert await manager.get_client_count_for_stream(stream_id) == 0
+    assert manager.stats["send_failures"] == 1
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert not await StreamClient.objects.filter(stream_id=stream_id).aexists()
+    disconnect.set()
