@@ -6,9 +6,8 @@ import json
 from typing import Any
 
 import pytest
-from asgiref.testing import ApplicationCommunicator
 from channels.routing import URLRouter
-from channels.testing import WebsocketCommunicator
+from channels.testing import ApplicationCommunicator, WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 from django.contrib.sessions.backends.db import SessionStore
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 async def test_lifespan_starts_the_worker_and_releases_its_clients_on_shutdown(
     manager: StreamingManager, session_key: str
 ) -> None:
-    app = StreamingLifecycle(URLRouter(websocket_urlpatterns))  # type: ignore[arg-type]
+    app = StreamingLifecycle(URLRouter(websocket_urlpatterns))
     lifespan = ApplicationCommunicator(app, {"type": "lifespan", "asgi": {"version": "3.0"}})
     await lifespan.send_input({"type": "lifespan.startup"})
     assert await lifespan.receive_output(2) == {"type": "lifespan.startup.complete"}
