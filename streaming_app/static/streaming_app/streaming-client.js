@@ -18,8 +18,12 @@
   var FINAL_CODES = {
     4000: "stream closed", 4400: "bad request", 4413: "frame too big",
     4403: "forbidden", 4404: "not found", 4410: "stream already closed",
-    4411: "deregistered", 4429: "stream full",
+    4411: "deregistered", 4429: "stream full", 4500: "internal error",
   };
+  // A client coming back (after a worker died) may find the stream "full" of the dead worker's
+  // clients until they stop counting (the server's CLIENT_TIMEOUT_SECONDS, 30 s by default):
+  // 4429 is retried with back-off for this long before it is final.
+  var FULL_RETRY_MS = 60000;
 
   function StreamingClient(streamId, options) {
     options = options || {};
@@ -33,6 +37,8 @@
     this.finished = false;
     this.attempts = 0;
     this.timer = null;
+    this.fullRetryMs = options.fullRetryMs || FULL_RETRY_MS;
+    this.fullSince = null;  // when a resuming client first found the stream full
   }
 
   StreamingClient.prototype.url = function () {
@@ -60,23 +66,37 @@
       if (self.socket !== socket) return;
       self.socket = null;
       if (self.finished) return;
+      var resuming = self.clientId !== undefined || self.lastSeq > 0;
+      if (event.code === 4429 && resuming) {
+        self.fullSince = self.fullSince || Date.now();
+        if (Date.now() - self.fullSince < self.fullRetryMs) {
+          self.retry();
+          return;
+        }
+      }
       if (FINAL_CODES[event.code]) {
         self.finished = true;
         self.emit("onStatus", "closed");
         if (event.code !== 4000) self.emit("onClosed", FINAL_CODES[event.code], event.code);
         return;
       }
-      var delay = Math.min(self.maxBackoffMs, self.minBackoffMs * Math.pow(2, self.attempts));
-      self.attempts += 1;
-      self.emit("onStatus", "waiting");
-      self.timer = global.setTimeout(function () { self.connect(); }, delay);
+      self.retry();
     };
+  };
+
+  StreamingClient.prototype.retry = function () {
+    var self = this;
+    var delay = Math.min(self.maxBackoffMs, self.minBackoffMs * Math.pow(2, self.attempts));
+    self.attempts += 1;
+    self.emit("onStatus", "waiting");
+    self.timer = global.setTimeout(function () { self.connect(); }, delay);
   };
 
   StreamingClient.prototype.handle = function (frame) {
     switch (frame.type) {
       case "subscribed":
         this.clientId = frame.client_id;
+        this.fullSince = null;
         this.emit("onStatus", "live");
         break;
       case "chunk":
