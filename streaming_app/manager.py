@@ -554,7 +554,7 @@ class StreamingManager:
             text = '{"probe":true}'
             await self.history.append(probe, text, take_failures=False,
                                       publish_to=self._publish_prefix + probe)  # fmt: skip
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(2):
                 event = await inbox.get()
             await inbox_layer.group_discard(group_name(probe), channel)
         finally:

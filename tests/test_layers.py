@@ -64,6 +64,7 @@ async def test_a_push_appends_and_publishes_in_one_round_trip(
     channel = await layer.new_channel()
     await manager.layer.join(stream_id, channel)
     seqs = [await manager.push_chunk(stream_id, delta(stream_id, str(i))) for i in range(5)]
+    assert manager.stats["fast_path_proven"] == 1  # it proved itself before the first push
     events = [await layer.receive(channel) for _ in range(5)]
     assert [e["seq"] for e in events] == seqs == [1, 2, 3, 4, 5]
     assert [e["type"] for e in events] == ["stream.chunk"] * 5
@@ -74,3 +75,27 @@ async def test_a_push_appends_and_publishes_in_one_round_trip(
     await manager.push_chunk(stream_id, delta(stream_id, "late"))
     await eventually(lambda: client.texts[-1:] == ["late"])
     assert client.texts == ["0", "1", "2", "3", "4", "late"]
+
+
+async def test_a_fast_path_that_fails_its_self_test_falls_back_loudly(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As if channels_redis had renamed its group channels: what the history would publish to
+    # is no longer what the layer listens on (a change no test can make for real).
+    monkeypatch.setattr(StreamLayer, "pubsub_group_prefix",
+                        lambda self: (redis_url, "asgi__renamed__streaming."))  # fmt: skip
+    layers = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                          "CONFIG": {"hosts": [{"address": redis_url}]}}}  # fmt: skip
+    streaming = {"HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
+                 "REDIS_URL": redis_url}  # fmt: skip
+    with override_settings(CHANNEL_LAYERS=layers, STREAMING_APP=streaming):
+        manager = get_streaming_manager()
+        stream_id = await manager.create_stream()
+        channel = await manager.layer.layer.new_channel()
+        await manager.layer.join(stream_id, channel)
+        assert await manager.push_chunk(stream_id, delta(stream_id, "still")) == 1
+        event = await manager.layer.layer.receive(channel)
+        assert (event["type"], event["seq"]) == ("stream.chunk", 1)  # through group_send
+        assert manager.stats["fast_path_failed"] == 1
+        assert any("one-round-trip push disabled" in r.getMessage() for r in caplog.records)
+        await manager.shutdown()
