@@ -325,3 +325,61 @@ async def test_a_worker_cut_off_from_the_database_sends_its_clients_to_reconnect
         drop_postgres_database(postgres_url)
         with psycopg.connect(f"{server_url}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+async def resume(server: DaphneServer, stream_id: str, last_seq: int) -> Any:
+    """Reconnect as the JavaScript client does: 4429 while resuming is retried with back-off
+    (a dead worker's clients stop holding places within CLIENT_TIMEOUT_SECONDS)."""
+    for attempt in range(12):
+        ws = await websockets.connect(
+            f"{server.ws_url}/ws/streams/{stream_id}/?last_seq={last_seq}",
+            additional_headers={"Origin": server.http_url},
+        )
+        first = json.loads(await ws.recv())
+        if first["type"] == "subscribed":
+            return ws
+        await read_frames(ws)
+        assert ws.close_code == CloseCode.STREAM_FULL, first
+        await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+    raise AssertionError("still full after the dead worker's clients expired")
+
+
+async def test_clients_of_a_killed_worker_resume_on_the_survivor_without_losing_the_reply(
+    env: dict[str, str], workers: list[DaphneServer]
+) -> None:
+    full = with_settings(env, MAX_CLIENTS_PER_STREAM=8)
+    sid = manager_call(full, "out = await m.create_stream()")
+    producer = start_python(
+        "import asyncio\n"
+        "from streaming_app.manager import get_streaming_manager\n"
+        "from streaming_app.chunks import TextDeltaChunk\n"
+        "async def main():\n"
+        "    m = get_streaming_manager()\n"
+        "    for i in range(1, 201):\n"
+        f"        chunk = TextDeltaChunk(stream_id={sid!r}, text_delta=str(i))\n"
+        f"        await m.push_chunk({sid!r}, chunk)\n"
+        "        await asyncio.sleep(0.03)\n"
+        f"    await m.close_stream({sid!r}, 'done')\n"
+        "asyncio.run(main())\n",
+        env=full,
+    )
+    async with AsyncExitStack() as stack:
+        on_a = [await subscribe(stack, workers[0], sid) for _ in range(8)]
+        seen: list[list[int]] = [[] for _ in on_a]
+        for index, ws in enumerate(on_a):  # a few chunks each before the crash
+            while len(seen[index]) < 3:
+                frame = json.loads(await ws.recv())
+                if frame["type"] == "chunk":
+                    seen[index].append(frame["seq"])
+        workers[0].kill()  # kill -9 mid-reply
+        for ws in on_a:
+            await read_frames(ws)  # the line drops (no close frame from a dead worker)
+        resumed = await asyncio.gather(*(resume(workers[1], sid, s[-1]) for s in seen))
+        rest = await asyncio.wait_for(asyncio.gather(*(read_frames(ws) for ws in resumed)), 30)
+    _out, err = producer.communicate(timeout=30)
+    assert producer.returncode == 0, err
+    for before, frames, ws in zip(seen, rest, resumed, strict=True):
+        assert before + chunk_seqs(frames) == list(range(before[0], 201))  # none lost or twice
+        assert frames[-1]["type"] == "closed"
+        assert ws.close_code == CloseCode.STREAM_CLOSED
+    assert manager_call(full, f"out = await m.get_client_count_for_stream({sid!r})") == 0
