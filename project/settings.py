@@ -77,7 +77,19 @@ if REDIS_URL:
             "BACKEND": os.environ.get(
                 "CHANNEL_LAYER_BACKEND", "channels_redis.pubsub.RedisPubSubChannelLayer"
             ),
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "max_connections": 1000}]},
+            # socket_timeout above channels_redis's 5 s blocking pop (redis-py 8's default is
+            # 5 s: every idle receive would time out); health checks for servers that drop
+            # idle connections.
+            "CONFIG": {
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "max_connections": 1000,
+                        "socket_timeout": 30,
+                        "health_check_interval": 10,
+                    }
+                ]
+            },
         }
     }
 else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
@@ -79,8 +80,47 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             f"{SETTING_NAME}['CHANNEL_LAYER'] = {alias!r} is not in CHANNEL_LAYERS.",
             hint="Configure CHANNEL_LAYERS (see the README).", id="streaming_app.E017",
         ))  # fmt: skip
+    timeout, interval = (
+        app_settings.get("CLIENT_TIMEOUT_SECONDS"),
+        app_settings.get("SWEEP_INTERVAL_SECONDS"),
+    )
+    if (
+        all(isinstance(v, int | float) and not isinstance(v, bool) for v in (timeout, interval))
+        and timeout <= 2 * interval
+    ):
+        messages.append(Error(
+            f"{SETTING_NAME}['CLIENT_TIMEOUT_SECONDS'] ({timeout}) must be more than twice "
+            f"SWEEP_INTERVAL_SECONDS ({interval}): live workers would be taken for dead.",
+            hint="Defaults: 30 and 5.", id="streaming_app.E020",
+        ))  # fmt: skip
+    messages.extend(layer_messages(getattr(settings, "CHANNEL_LAYERS", {}).get(alias, {})))
     db = connections["default"]
     messages.extend(database_messages(db.vendor, db.settings_dict))
+    return messages
+
+
+def layer_messages(layer: dict[str, Any]) -> list[CheckMessage]:
+    """Warnings about a channel layer whose receives would time out."""
+    if layer.get("BACKEND") != "channels_redis.core.RedisChannelLayer":
+        return []
+    from channels_redis.core import RedisChannelLayer
+    from redis.asyncio.connection import AbstractConnection
+
+    default = inspect.signature(AbstractConnection).parameters["socket_timeout"].default
+    blocking = RedisChannelLayer.brpop_timeout
+    messages: list[CheckMessage] = []
+    for host in layer.get("CONFIG", {}).get("hosts") or [{}]:
+        timeout = host.get("socket_timeout", default) if isinstance(host, dict) else default
+        if timeout is not None and timeout <= blocking:
+            messages.append(Warning(
+                f"channels_redis's RedisChannelLayer blocks {blocking} s in each receive, but its "
+                f"Redis socket timeout is {timeout} s: idle receives fail with 'Timeout reading' "
+                "and kill the consumers.",
+                hint='Give each CHANNEL_LAYERS host a "socket_timeout" above '
+                     f'{blocking}, e.g. {{"address": ..., "socket_timeout": 30}}.',
+                id="streaming_app.W003",
+            ))  # fmt: skip
+            break
     return messages
 
 
@@ -106,4 +146,35 @@ def database_messages(vendor: str, settings_dict: dict[str, Any]) -> list[CheckM
     return []
 
 
-__all__ = ["StreamingManagerConfig", "check_settings"]
+@register(Tags.compatibility, deploy=True)
+def check_fast_path(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``check --deploy``: the one-round-trip push proves itself against the real Redis (each
+    worker also does before its first push, and logs an error when it cannot)."""
+    from asgiref.sync import async_to_sync
+
+    from .manager import StreamingManager
+
+    manager = StreamingManager()
+    try:
+        manager.configure()
+    except Exception:
+        return []  # the settings checks say what is wrong
+    if not manager._publish_prefix:
+        return []  # not configured for it: pushes append, then group_send
+    try:
+        proven = async_to_sync(manager._prove_fast_path)()
+        problem = "" if proven else "the layer received something else"
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if not problem:
+        return []
+    return [Warning(
+        f"The one-round-trip push could not prove itself ({problem}); pushes fall back to "
+        "append, then group_send (slower, nothing lost).",
+        hint="Check that channels_redis's pub/sub layer and STREAMING_APP['REDIS_URL'] use "
+             "the same Redis, and the layer's message format.",
+        id="streaming_app.W004",
+    )]  # fmt: skip
+
+
+__all__ = ["StreamingManagerConfig", "check_fast_path", "check_settings"]

@@ -279,12 +279,7 @@ class Registry:
         """Mark the worker alive, store clients' positions, delete its rows for clients it
         does not hold; the held clients of active streams whose rows are gone (another worker
         reaped them)."""
-        now = timezone.now()
         with transaction.atomic():
-            StreamWorker.objects.bulk_create(
-                [StreamWorker(id=worker_id, last_seen_at=now)],
-                update_conflicts=True, unique_fields=["id"], update_fields=["last_seen_at"],
-            )  # fmt: skip
             rows = StreamClient.objects.filter(worker_id=worker_id).values_list(
                 "pk", "stream_id", "client_id", "connected_at"
             )
@@ -293,11 +288,14 @@ class Registry:
             stale = [pk for pk, s, c, at in rows if (s, c) not in held and at < held_at]
             if stale:
                 StreamClient.objects.filter(pk__in=stale).delete()
-            for (stream_id, client_id), seq in positions.items():
-                if (stream_id, client_id) in present:
-                    StreamClient.objects.filter(pk=present[stream_id, client_id]).update(
-                        delivered_seq=seq, last_seen_at=now
-                    )
+            now = timezone.now()
+            moved = [
+                StreamClient(pk=present[key], delivered_seq=seq, last_seen_at=now)
+                for key, seq in positions.items()
+                if key in present
+            ]
+            StreamClient.objects.bulk_update(moved, ["delivered_seq", "last_seen_at"],
+                                             batch_size=500)  # fmt: skip
             missing = held - set(present)
             if missing:  # a closed stream's rows went with the close: not lost, closing
                 active = set(
@@ -306,19 +304,29 @@ class Registry:
                     ).values_list("pk", flat=True)
                 )
                 missing = {key for key in missing if key[0] in active}
+            # Last, so the heartbeat is as fresh as it can be when the transaction commits.
+            StreamWorker.objects.bulk_create(
+                [StreamWorker(id=worker_id, last_seen_at=timezone.now())],
+                update_conflicts=True, unique_fields=["id"], update_fields=["last_seen_at"],
+            )  # fmt: skip
         return missing
 
     @database_sync_to_async
-    def reap_dead_clients(self, older_than: timedelta, *, dry_run: bool = False) -> list[ClientRef]:
+    def reap_dead_clients(
+        self, older_than: timedelta, *, alive_worker: str, dry_run: bool = False
+    ) -> list[ClientRef]:
         """Delete clients of workers that stopped sending heartbeats (and those workers' rows);
-        what was (or would be) removed."""
+        what was (or would be) removed. ``alive_worker`` (the caller's) is alive whatever its
+        row says: it is running this."""
         cutoff = timezone.now() - older_than
         with transaction.atomic():
-            rows = StreamClient.objects.exclude(alive(cutoff))
+            rows = StreamClient.objects.exclude(alive(cutoff)).exclude(worker_id=alive_worker)
             refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
             if not dry_run:
                 rows.delete()
-                StreamWorker.objects.filter(last_seen_at__lt=cutoff).delete()
+                StreamWorker.objects.filter(last_seen_at__lt=cutoff).exclude(
+                    pk=alive_worker
+                ).delete()
         return refs
 
     @database_sync_to_async

@@ -123,7 +123,9 @@ class Sweeper:
 
     async def _reap(self, report: SweepReport, older_than: timedelta, *, dry_run: bool) -> None:
         manager = self.manager
-        for ref in await manager.registry.reap_dead_clients(older_than, dry_run=dry_run):
+        for ref in await manager.registry.reap_dead_clients(
+            older_than, alive_worker=manager.worker_id, dry_run=dry_run
+        ):
             if dry_run and ref.worker_id == manager.worker_id:
                 continue  # a real sweep heartbeats its own clients first: they would stay
             logger.warning(

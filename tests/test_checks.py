@@ -8,7 +8,8 @@ import pytest
 from django.core.checks import Error
 from django.test import override_settings
 
-from streaming_app.checks import check_settings, database_messages
+from streaming_app.checks import check_fast_path, check_settings, database_messages, layer_messages
+from streaming_app.layers import StreamLayer
 
 
 def ids(setting: Any, **extra: Any) -> set[str]:
@@ -42,6 +43,7 @@ def test_defaults_pass() -> None:
         ({"CHANNEL_LAYER": "other"}, "streaming_app.E017"),
         ({"AGENT": "streaming_app.agents.nope"}, "streaming_app.E018"),
         ({"SSE_KEEPALIVE_SECONDS": 0}, "streaming_app.E019"),
+        ({"CLIENT_TIMEOUT_SECONDS": 10, "SWEEP_INTERVAL_SECONDS": 5}, "streaming_app.E020"),
     ],
 )
 def test_each_bad_value_has_its_own_check(setting: Any, check_id: str) -> None:
@@ -55,3 +57,33 @@ def test_databases_the_limits_cannot_rely_on_are_warned_about() -> None:
     assert database_messages("sqlite", immediate) == []
     assert database_messages("postgresql", {"NAME": "app"}) == []
     assert [m.id for m in database_messages("mysql", {})] == ["streaming_app.W002"]
+
+
+def test_a_redis_core_layer_whose_receives_would_time_out_is_warned_about() -> None:
+    core = "channels_redis.core.RedisChannelLayer"
+    address = "redis://127.0.0.1:6379/0"
+    bare = {"BACKEND": core, "CONFIG": {"hosts": [{"address": address}]}}
+    assert [m.id for m in layer_messages(bare)] == ["streaming_app.W003"]  # redis-py 8: 5 s
+    short = {"BACKEND": core, "CONFIG": {"hosts": [{"address": address, "socket_timeout": 5}]}}
+    assert [m.id for m in layer_messages(short)] == ["streaming_app.W003"]
+    fixed = {"BACKEND": core, "CONFIG": {"hosts": [{"address": address, "socket_timeout": 30}]}}
+    assert layer_messages(fixed) == []
+    pubsub = {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer"}
+    assert layer_messages(pubsub) == []
+
+
+@pytest.mark.django_db
+def test_the_fast_path_proves_itself_at_check_deploy(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layers = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                          "CONFIG": {"hosts": [{"address": redis_url}]}}}  # fmt: skip
+    streaming = {"HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
+                 "REDIS_URL": redis_url}  # fmt: skip
+    with override_settings(CHANNEL_LAYERS=layers, STREAMING_APP=streaming):
+        assert check_fast_path() == []
+        # As if channels_redis renamed its group channels (a change no test can make).
+        monkeypatch.setattr(StreamLayer, "pubsub_group_prefix",
+                            lambda self: (redis_url, "asgi__renamed__streaming."))  # fmt: skip
+        assert [m.id for m in check_fast_path()] == ["streaming_app.W004"]
+    assert check_fast_path() == []  # not configured for it: nothing to prove
