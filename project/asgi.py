@@ -17,6 +17,7 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: 
 from django.urls import re_path  # noqa: E402
 
 from streaming_app.lifecycle import StreamingLifecycle  # noqa: E402
+from streaming_app.middleware import BackendErrorMiddleware  # noqa: E402
 from streaming_app.routing import sse_urlpatterns, websocket_urlpatterns  # noqa: E402
 
 # The demo serves its static files itself when DEBUG is on (as runserver does); in production
@@ -29,11 +30,15 @@ application = StreamingLifecycle(
     ProtocolTypeRouter(
         {
             # Server-Sent Events first (they need the session and user), then Django.
-            "http": AuthMiddlewareStack(
-                URLRouter([*sse_urlpatterns, re_path(r"", http_app)])  # type: ignore[arg-type]
+            # BackendErrorMiddleware: a database that fails in the session or auth middleware
+            # is a JSON 503 (and 4503 on sockets), not the server's 500.
+            "http": BackendErrorMiddleware(
+                AuthMiddlewareStack(
+                    URLRouter([*sse_urlpatterns, re_path(r"", http_app)])  # type: ignore[arg-type]
+                )
             ),
             "websocket": AllowedHostsOriginValidator(
-                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+                BackendErrorMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
             ),
         }
     )
