@@ -14,6 +14,7 @@ from streaming_app.protocol import CloseCode
 
 from .servers import DaphneServer, base_env, read_frames
 
+COOKIE = "sessionid=0123456789abcdefghijklmnopqrstuv"  # well-formed: the session is loaded
 ERROR = {"type": "error", "code": "BACKEND_UNAVAILABLE", "message": "streaming backend failed"}
 
 
@@ -25,7 +26,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
         yield running
 
 
-@pytest.mark.parametrize("cookie", ["", "sessionid=0123456789abcdefghijklmnopqrstuv"])
+@pytest.mark.parametrize("cookie", ["", COOKIE])
 async def test_a_socket_gets_4503_when_the_database_is_unreachable(
     server: DaphneServer, cookie: str
 ) -> None:
@@ -38,7 +39,7 @@ async def test_a_socket_gets_4503_when_the_database_is_unreachable(
     assert frames == [ERROR]
 
 
-@pytest.mark.parametrize("cookie", ["", "sessionid=0123456789abcdefghijklmnopqrstuv"])
+@pytest.mark.parametrize("cookie", ["", COOKIE])
 def test_server_sent_events_get_a_json_503_when_the_database_is_unreachable(
     server: DaphneServer, cookie: str
 ) -> None:
@@ -58,7 +59,7 @@ def test_the_worker_logs_the_failure_with_the_path(server: DaphneServer) -> None
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(
             urllib.request.Request(f"{server.http_url}/streams/s-2/events",
-                                   headers={"Cookie": "sessionid=x"}), timeout=10,
+                                   headers={"Cookie": COOKIE}), timeout=10,
         )  # fmt: skip
     info.value.close()
     assert "/streams/s-2/events: streaming backend failed" in server.log()
