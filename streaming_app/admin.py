@@ -3,13 +3,16 @@ so every connected client (in every process) sees the reason."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.utils import unquote
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
@@ -23,7 +26,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from .exceptions import GMIError
-from .manager import get_streaming_manager
+from .manager import StreamActivity, get_streaming_manager
 from .models import Stream, StreamClient
 
 if TYPE_CHECKING:
@@ -44,6 +47,19 @@ class CloseForm(forms.Form):
         initial=_("Closed by an operator"),
         help_text=_("Every connected client sees this."),
     )
+
+
+def with_activity(streams: Sequence[Stream]) -> None:
+    """Give each stream its current activity (``live(stream)``), from one history read."""
+    activity = async_to_sync(get_streaming_manager().get_stream_activity)(s.pk for s in streams)
+    for stream in streams:
+        stream._live_activity = activity.get(stream.pk)  # type: ignore[attr-defined]
+
+
+def live(stream: Stream) -> StreamActivity:
+    """The stream's activity as :func:`with_activity` found it, else as its row has it."""
+    found: StreamActivity | None = getattr(stream, "_live_activity", None)
+    return found or StreamActivity(stream.chunk_count, stream.last_activity_at)
 
 
 def head_seq(stream: Stream) -> int:
@@ -101,13 +117,14 @@ class StreamClientInline(_ClientInline):
 
 @admin.register(Stream)
 class StreamAdmin(_StreamAdmin):
-    list_display = ("id", "status_cell", "owner", "created_at", "last_activity_at", "age",
+    list_display = ("id", "status_cell", "owner", "created_at", "last_activity", "age",
                     "clients_connected", "chunks_pushed", "close_reason")  # fmt: skip
     list_filter = ("status", AgeFilter)
     search_fields = ("id", "owner__username", "metadata")
     readonly_fields = ("id", "status", "owner", "session_key", "gmi_instance_id", "persona_id",
-                       "metadata", "inactivity_timeout_ms", "created_at", "last_activity_at",
-                       "closed_at", "close_reason", "chunk_count", "recent_chunks")  # fmt: skip
+                       "metadata", "inactivity_timeout_ms", "created_at", "last_activity",
+                       "closed_at", "close_reason", "chunks_pushed", "recent_chunks")  # fmt: skip
+    exclude = ("chunk_count", "last_activity_at")  # shown live (chunks_pushed, last_activity)
     inlines = [StreamClientInline]
     actions = ["close_streams"]
 
@@ -137,9 +154,28 @@ class StreamAdmin(_StreamAdmin):
 
     @admin.display(description=_("chunks pushed"), ordering="chunk_count")
     def chunks_pushed(self, stream: Stream) -> str:
-        return format_html(
-            '<span data-stream="{}" data-field="chunks">{}</span>', stream.pk, stream.chunk_count
-        )
+        chunks = live(stream).chunks_pushed
+        return format_html('<span data-stream="{}" data-field="chunks">{}</span>', stream.pk,
+                           chunks)  # fmt: skip
+
+    @admin.display(description=_("last activity"), ordering="last_activity_at")
+    def last_activity(self, stream: Stream) -> datetime:
+        return live(stream).last_activity
+
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        """The page's rows, with their activity read from the history in one call (the rows'
+        own counts lag behind while a stream is active)."""
+        changelist = super().get_changelist_instance(request)
+        with_activity(list(changelist.result_list))
+        return changelist
+
+    def get_object(
+        self, request: HttpRequest, object_id: str, from_field: str | None = None
+    ) -> Stream | None:
+        stream = super().get_object(request, object_id, from_field)
+        if stream is not None:
+            with_activity([stream])
+        return stream
 
     @admin.display(description=_("last chunks (from history)"))
     def recent_chunks(self, stream: Stream) -> str:
@@ -217,7 +253,7 @@ class StreamAdmin(_StreamAdmin):
         """The change page's "Close stream" button: ask for a reason, then close."""
         if not self.has_close_permission(request):
             raise PermissionDenied
-        stream = get_object_or_404(Stream, pk=object_id)
+        stream = get_object_or_404(Stream, pk=unquote(object_id))  # admin URLs quote "_"
         change_url = reverse("admin:streaming_app_stream_change", args=[stream.pk])
         if not stream.is_active:
             self.message_user(request, _("This stream was closed already."), messages.INFO)
@@ -262,10 +298,11 @@ class StreamAdmin(_StreamAdmin):
         if not self.has_view_permission(request):
             raise PermissionDenied
         ids = request.GET.getlist("id")
-        rows = Stream.objects.filter(pk__in=ids).annotate(clients_count=Count("clients"))
+        rows = list(Stream.objects.filter(pk__in=ids).annotate(clients_count=Count("clients")))
+        with_activity(rows)
         return JsonResponse({
             "active": Stream.objects.filter(status=Stream.Status.ACTIVE).count(),
-            "streams": {s.pk: {"clients": s.clients_count, "chunks": s.chunk_count,
+            "streams": {s.pk: {"clients": s.clients_count, "chunks": live(s).chunks_pushed,
                                "status": s.get_status_display()} for s in rows},
         })  # fmt: skip
 

@@ -13,8 +13,9 @@ import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import async_to_sync
@@ -59,6 +60,14 @@ def build_history() -> History:
     """The history backend named by ``HISTORY_BACKEND``, built from the settings."""
     history: History = import_string(app_settings.HISTORY_BACKEND).from_settings()
     return history
+
+
+@dataclass(frozen=True)
+class StreamActivity:
+    """How much a stream has said and when it last did."""
+
+    chunks_pushed: int
+    last_activity: datetime
 
 
 class StreamingManager:
@@ -441,6 +450,22 @@ class StreamingManager:
         state = (await self.history.states([stream_id])).get(stream_id)
         head = state.head_seq if state else 0
         return {client_id: max(0, head - seq) for client_id, seq in delivered.items()}
+
+    async def get_stream_activity(self, stream_ids: Iterable[str]) -> dict[str, StreamActivity]:
+        """Chunks pushed and last activity of each stream, current to the last push (from the
+        history, where it holds the stream; else the row, which the sweeper updates)."""
+        self.config  # noqa: B018  (raises NOT_INITIALIZED)
+        ids = list(stream_ids)
+        rows = await self.registry.activity(ids)
+        states = await self.history.states([i for i in ids if i in rows])
+        result = {}
+        for stream_id, (chunks, last) in rows.items():
+            state = states.get(stream_id)
+            if state is not None:
+                chunks = max(chunks, state.head_seq)
+                last = max(last, datetime.fromtimestamp(state.last_activity, tz=UTC))
+            result[stream_id] = StreamActivity(chunks, last)
+        return result
 
     async def wait_closed(self, stream_id: str) -> str:
         """Wait until the stream is closed, by anyone in any process; the close reason.

@@ -233,6 +233,14 @@ class Registry:
             )
 
     @database_sync_to_async
+    def activity(self, stream_ids: list[str]) -> dict[str, tuple[int, datetime]]:
+        """Chunk count and last activity as the rows have them (copied by the sweeper)."""
+        rows = Stream.objects.filter(pk__in=stream_ids).values_list(
+            "pk", "chunk_count", "last_activity_at"
+        )
+        return {pk: (count, last) for pk, count, last in rows}
+
+    @database_sync_to_async
     def active_stream_ids(self) -> list[str]:
         return list(
             Stream.objects.filter(status=Stream.Status.ACTIVE)

@@ -237,3 +237,33 @@ async def test_live_counts_need_the_view_permission() -> None:
     await sync_to_async(user.user_permissions.clear)()
     live = await sync_to_async(nobody.get)(CHANGELIST + "live/", {"id": ["s-1"]})
     assert live.status_code == 403
+
+
+async def test_counts_follow_the_history_head_between_sweeps() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("busy-1")
+    for i in range(7):  # no sweep since: the row still says 0
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    assert (await Stream.objects.aget(pk=stream_id)).chunk_count == 0
+    client = await sync_to_async(superuser)()
+    page = (await sync_to_async(client.get)(CHANGELIST)).content.decode()
+    assert 'data-stream="busy-1" data-field="chunks">7<' in page
+    live = await sync_to_async(client.get)(CHANGELIST + "live/", {"id": ["busy-1"]})
+    assert live.json()["streams"]["busy-1"]["chunks"] == 7
+    change = (await sync_to_async(client.get)(f"{CHANGELIST}busy-1/change/")).content.decode()
+    assert re.search(r"Chunks pushed:</label>\s*<div class=\"readonly\"><span[^>]*>7<", change)
+
+
+async def test_the_close_button_works_for_ids_the_admin_quotes() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("a_b.c-1")  # "_" is quoted as "_5F" in admin URLs
+    watcher = RecordingClient("watcher")
+    await manager.register_client(stream_id, watcher)
+    client = await sync_to_async(superuser)()
+    change = (await sync_to_async(client.get)(f"{CHANGELIST}a_5Fb.c-1/change/")).content.decode()
+    url = re.search(r'href="([^"]+)" id="close-stream-button"', change)
+    assert url is not None
+    assert 'name="reason"' in (await sync_to_async(client.get)(url.group(1))).content.decode()
+    response = await sync_to_async(client.post)(url.group(1), {"reason": "Underscores"})
+    assert response.status_code == 302
+    await eventually(lambda: watcher.closed_reasons == ["Underscores"])

@@ -150,3 +150,19 @@ def test_an_operator_closes_a_stream_from_the_admin_and_the_page_sees_it(
     expect(page.locator(".turn.agent .events")).to_contain_text(
         "Stream closed: Closed for maintenance"
     )
+
+
+def test_the_admin_changelist_counts_refresh_by_themselves(
+    browser: Browser, page: Page, server: DaphneServer
+) -> None:
+    operator = browser.new_context(base_url=server.http_url).new_page()
+    operator.set_default_timeout(15_000)
+    operator.goto("/admin/login/?next=/admin/streaming_app/stream/")
+    operator.fill("#id_username", "admin")
+    operator.fill("#id_password", "s3cret-pw")
+    operator.click("input[type=submit]")
+    active = operator.locator("#streaming-live [data-field=active]")
+    before = int(active.inner_text())
+    send(page, " ".join(["count"] * 300))  # a new stream, while the changelist stays open
+    expect(active).to_have_text(str(before + 1))  # refreshed without a reload
+    expect(active).to_have_text(str(before), timeout=30_000)  # the reply ends, the count too

@@ -72,6 +72,8 @@ def test_list_shows_active_streams_as_a_table_or_json() -> None:
     rows = json.loads(run("streaming_list", "--all", "--json"))
     assert [(r["id"], r["status"]) for r in rows] == [("first", "active"), ("second", "closed")]
     assert rows[0]["metadata"] == {"topic": "tea"}
+    assert rows[0]["chunks"] == 1  # from the history: no sweep has copied it to the row yet
+    assert Stream.objects.get(pk="first").chunk_count == 0
     assert rows[1]["close reason"] == "done"
 
 

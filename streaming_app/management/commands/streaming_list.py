@@ -6,10 +6,12 @@ import json
 from argparse import ArgumentParser
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand
 from django.db.models import Count
 from django.utils import timezone
 
+from streaming_app.manager import get_streaming_manager
 from streaming_app.models import Stream
 
 COLUMNS = ("id", "status", "owner", "clients", "chunks", "age", "idle", "close reason")
@@ -26,6 +28,9 @@ class Command(BaseCommand):
         streams = Stream.objects.select_related("owner").annotate(clients_count=Count("clients"))
         if not options["all"]:
             streams = streams.filter(status=Stream.Status.ACTIVE)
+        listed = list(streams.order_by("created_at"))
+        # Chunks and last activity from the history: the rows lag while a stream is active.
+        activity = async_to_sync(get_streaming_manager().get_stream_activity)(s.pk for s in listed)
         now = timezone.now()
         rows = [
             {
@@ -33,13 +38,13 @@ class Command(BaseCommand):
                 "status": s.status,
                 "owner": s.owner.get_username() if s.owner else "",
                 "clients": s.clients_count,
-                "chunks": s.chunk_count,
+                "chunks": activity[s.pk].chunks_pushed,
                 "age": round((now - s.created_at).total_seconds()),
-                "idle": round((now - s.last_activity_at).total_seconds()),
+                "idle": round((now - activity[s.pk].last_activity).total_seconds()),
                 "close reason": s.close_reason,
                 "metadata": s.metadata,
             }
-            for s in streams.order_by("created_at")
+            for s in listed
         ]
         if options["json"]:
             self.stdout.write(json.dumps(rows, indent=2))

@@ -1,6 +1,13 @@
 /* Refresh the Streams changelist's counts every few seconds, without a reload. */
 (function () {
   "use strict";
+  // The admin loads this in <head>: start once the page (and its counts) exist.
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", start);
+  } else {
+    start();
+  }
+  function start() {
   var box = document.getElementById("streaming-live");
   if (!box) return;
   function refresh() {
@@ -22,4 +29,5 @@
       .catch(function () {});
   }
   window.setInterval(refresh, 3000);
+  }
 })();
