@@ -172,8 +172,18 @@ class Deployment:
 
     def close(self) -> None:
         if self.redis is not None:
-            self.redis.terminate()
-            self.redis.wait(10)
+            stop(self.redis)
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM, and SIGKILL if it has not exited after ``grace`` seconds: nothing outlives us."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def anyone(user: Any, session_key: str | None, stream: Any) -> bool:
@@ -202,9 +212,11 @@ async def _client(url: str, received: list[tuple[int, float, float]], done: asyn
         if not raw:
             json.loads(await ws.recv())  # subscribed
         done.set()
+        wait = 120.0  # the producer's process has to start first: idle counts from then on
         try:
             while True:
-                text = await asyncio.wait_for(ws.recv(), idle)
+                text = await asyncio.wait_for(ws.recv(), wait)
+                wait = idle
                 now = time.time()
                 frame = json.loads(text)
                 if raw:
@@ -227,8 +239,7 @@ def end_to_end(deployment: Deployment, system: str, layer: str, scenario: Scenar
     try:
         return asyncio.run(_end_to_end(deployment, system, layer, scenario, port))
     finally:
-        server.terminate()
-        server.wait(10)
+        stop(server)
 
 
 async def _end_to_end(deployment: Deployment, system: str, layer: str, scenario: Scenario,
@@ -307,9 +318,15 @@ async def produce(spec: dict[str, Any]) -> None:
 
         manager = get_streaming_manager()
 
-    async def one(stream_id: str) -> None:
-        interval = 1 / spec["rate"] if spec["rate"] else 0
-        next_at = time.perf_counter()
+    interval = 1 / spec["rate"] if spec["rate"] else 0
+    start = time.perf_counter()
+    count = len(spec["ids"])
+
+    async def one(index: int, stream_id: str) -> None:
+        # Paced streams start in staggered phases over one interval, as independent
+        # conversations would, not in bursts of all streams at once.
+        next_at = start + interval * index / count
+        await asyncio.sleep(max(0, next_at - time.perf_counter()))
         for seq in range(1, spec["chunks"] + 1):
             if raw:
                 text = json.dumps({"seq": seq, "t": time.time(), "text": f"tok{seq} "})
@@ -325,7 +342,7 @@ async def produce(spec: dict[str, Any]) -> None:
         if not raw:
             await manager.close_stream(stream_id, "benchmark done")
 
-    await asyncio.gather(*(one(stream_id) for stream_id in spec["ids"]))
+    await asyncio.gather(*(one(index, stream_id) for index, stream_id in enumerate(spec["ids"])))
 
 
 def result_row(result: Result) -> dict[str, Any]:

@@ -42,16 +42,19 @@ def base_env(**extra: str) -> dict[str, str]:
 def manage(
     *args: str, env: Mapping[str, str], timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``manage.py`` with ``args``; the finished process (output captured)."""
-    return subprocess.run(
-        [PYTHON, str(ROOT / "manage.py"), *args],
-        env=dict(env),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    """Run ``manage.py`` with ``args``; the finished process (output captured). Past
+    ``timeout`` it is killed with everything it started (its own process group)."""
+    with subprocess.Popen(
+        [PYTHON, str(ROOT / "manage.py"), *args], env=dict(env), cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # its Daphne and redis-server too
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 _template: dict[str, Path] = {}

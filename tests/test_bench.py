@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from .servers import base_env, manage, migrated_sqlite
 
 
+@pytest.mark.timeout(300)  # above the command's own bound (240 s), so that one fires first
 def test_quick_benchmark_reports_every_row_and_streaming_app_loses_nothing(
     redis_url: str, tmp_path: Path
 ) -> None:
