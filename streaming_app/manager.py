@@ -555,9 +555,9 @@ class StreamingManager:
         """Whether the one-round-trip push works here: proven once per process by publishing
         through the history's script and receiving the event through the layer. On failure
         it is logged and pushes use append, then ``group_send``."""
-        proven = self._fast_path_proven
-        if proven is not None and proven.done():
-            return proven.result()  # the hot path: decided once per process
+        decided = self._fast_path_proven
+        if decided is not None and decided.done():
+            return decided.result()  # the hot path: decided once per process
         if self._fast_path_proven is None:
             self._fast_path_proven = asyncio.get_running_loop().create_future()
             try:
