@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
@@ -91,8 +92,11 @@ def install_daphne_hooks() -> bool:
 
 
 def _start_serving() -> None:
-    _take_over_signals()
     start_worker()
+    if threading.current_thread() is threading.main_thread():
+        _take_over_signals()
+    else:  # runserver's autoreloader serves from a thread: signals stay the reloader's
+        logger.debug("streaming worker: not in the main thread, signals left as they are")
 
 
 def start_worker() -> None:
