@@ -10,6 +10,7 @@ import pytest
 from .servers import base_env, manage, migrated_sqlite
 
 
+@pytest.mark.database_independent  # the layers and processes, on any database
 @pytest.mark.timeout(300)  # above the command's own bound (240 s), so that one fires first
 def test_quick_benchmark_reports_every_row_and_streaming_app_loses_nothing(
     redis_url: str, tmp_path: Path

@@ -40,6 +40,7 @@ async def follow_a_turn(env: dict[str, str], log: Path) -> tuple[list[dict[str, 
         return frames, ws.close_code or 0
 
 
+@pytest.mark.database_independent  # the layers and processes, on any database
 @pytest.mark.timeout(150)
 async def test_a_minute_long_turn_with_long_silences_on_both_layers(
     database_url: str, redis_url: str, tmp_path: Path
