@@ -10,8 +10,12 @@ Both layers run at the same time, so the test takes about as long as one turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -29,9 +33,11 @@ from .servers import (
     base_env,
     create_postgres_database,
     drop_postgres_database,
+    free_port,
     migrated_sqlite,
     read_frames,
     run_python,
+    start_python,
 )
 from .slow_agent import part
 from .test_daphne import start_turn
@@ -149,3 +155,65 @@ async def test_a_minute_long_turn_with_long_silences_on_both_layers(
         assert events[-1]["data"] == closed, name
         assert "Timeout reading" not in log, (name, log)
         assert rows == 0, (name, log)
+
+
+# -- connections that Redis closes while idle -----------------------------------------------
+
+IDLE_TIMEOUT = 1  # the redis-server's `timeout`: it closes connections idle for longer
+LAYER_ROUND_TRIPS = """
+import asyncio
+from channels.layers import get_channel_layer
+
+async def main():
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add("idle", channel)
+    got = []
+    for i in range(2):
+        if i:
+            await asyncio.sleep({idle})  # every pooled connection idles past the timeout
+        await layer.group_send("idle", {{"type": "group", "i": i}})
+        await layer.send(channel, {{"type": "direct", "i": i}})
+        got += sorted(f"{{m['type']}}-{{m['i']}}" for m in
+                      [await asyncio.wait_for(layer.receive(channel), 10) for _ in range(2)])
+    print("GOT=" + ",".join(got))
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def idle_closing_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own that closes connections idle for 1 s; its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--timeout", str(IDLE_TIMEOUT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+async def test_both_layers_send_again_after_redis_closed_their_idle_connections(
+    idle_closing_redis: str,
+) -> None:
+    """channels_redis's pools retry nothing: without the project's ``retry_on_error`` the
+    first send after an idle period failed with "Connection closed by server"."""
+    code = LAYER_ROUND_TRIPS.format(idle=IDLE_TIMEOUT * 3)
+    processes = {}
+    for name, backend in LAYERS.items():
+        env = base_env(REDIS_URL=idle_closing_redis, CHANNEL_LAYER_BACKEND=backend)
+        processes[name] = start_python(code, env=env)
+    for name, process in processes.items():
+        stdout, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+        assert process.returncode == 0, (name, stderr)
+        assert "GOT=direct-0,group-0,direct-1,group-1" in stdout, (name, stdout, stderr)
