@@ -25,20 +25,20 @@ from streaming_app.routing import sse_urlpatterns, websocket_urlpatterns  # noqa
 http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.DEBUG else django_asgi_app
 
 # StreamingLifecycle: lifespan events where the server sends them, and under Daphne a SIGTERM
-# that first tells this worker's clients to reconnect.
+# that first tells this worker's clients to reconnect. BackendErrorMiddleware (outermost of the
+# streaming routes): a database or Redis failure before an answer, e.g. in the session lookup of
+# AuthMiddlewareStack, is close code 4503 / a JSON 503 instead of an HTTP 500.
 application = StreamingLifecycle(
     ProtocolTypeRouter(
         {
             # Server-Sent Events first (they need the session and user), then Django.
-            # BackendErrorMiddleware: a database that fails in the session or auth middleware
-            # is a JSON 503 (and 4503 on sockets), not the server's 500.
             "http": BackendErrorMiddleware(
                 AuthMiddlewareStack(
                     URLRouter([*sse_urlpatterns, re_path(r"", http_app)])  # type: ignore[arg-type]
                 )
             ),
-            "websocket": AllowedHostsOriginValidator(
-                BackendErrorMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+            "websocket": BackendErrorMiddleware(
+                AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
             ),
         }
     )

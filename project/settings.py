@@ -72,21 +72,28 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": os.environ.get(
                 "CHANNEL_LAYER_BACKEND", "channels_redis.pubsub.RedisPubSubChannelLayer"
             ),
-            # socket_timeout above channels_redis's 5 s blocking pop (redis-py 8's default is
-            # 5 s: every idle receive would time out); health checks for servers that drop
-            # idle connections.
             "CONFIG": {
                 "hosts": [
                     {
                         "address": REDIS_URL,
                         "max_connections": 1000,
-                        "socket_timeout": 30,
-                        "health_check_interval": 10,
+                        # Above channels_redis.core's 5 s blocking pop (BZPOPMIN): redis-py
+                        # 8's default of 5 s failed every idle receive ("Timeout reading
+                        # from ...", close 1011). Check streaming_app.W003 guards it.
+                        "socket_timeout": 15,
+                        # channels_redis's pools retry nothing, so a connection that Redis
+                        # (its `timeout`) or a proxy closed while idle failed the next send
+                        # ("Connection closed by server"). Retry once on a new connection; a
+                        # chunk event sent twice this way still reaches each client once (by
+                        # its seq), and the other stream events are idempotent.
+                        "retry_on_error": [RedisConnectionError],
                     }
                 ]
             },

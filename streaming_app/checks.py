@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -93,35 +94,78 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             f"SWEEP_INTERVAL_SECONDS ({interval}): live workers would be taken for dead.",
             hint="Defaults: 30 and 5.", id="streaming_app.E020",
         ))  # fmt: skip
-    messages.extend(layer_messages(getattr(settings, "CHANNEL_LAYERS", {}).get(alias, {})))
+    for layer_alias, layer in getattr(settings, "CHANNEL_LAYERS", {}).items():
+        messages.extend(layer_messages(layer_alias, layer))
     db = connections["default"]
     messages.extend(database_messages(db.vendor, db.settings_dict))
     return messages
 
 
-def layer_messages(layer: dict[str, Any]) -> list[CheckMessage]:
-    """Warnings about a channel layer whose receives would time out."""
-    if layer.get("BACKEND") != "channels_redis.core.RedisChannelLayer":
+def layer_messages(alias: str, layer: Any) -> list[CheckMessage]:
+    """Warnings about a channel layer whose idle receives would time out: channels_redis's
+    core layer blocks in BZPOPMIN for ``brpop_timeout`` seconds, so each Redis host's socket
+    timeout (redis-py 8: 5 s by default) must be longer."""
+    backend = layer.get("BACKEND") if isinstance(layer, dict) else None
+    blocking = blocking_receive_seconds(backend)
+    if blocking is None:
         return []
-    from channels_redis.core import RedisChannelLayer
+    config = layer.get("CONFIG") or {}
+    hosts = config.get("hosts") if isinstance(config, dict) else None
+    default = default_socket_timeout()
+    for index, host in enumerate(hosts or [None]):  # no hosts: channels_redis's localhost
+        timeout = socket_timeout(host, default)
+        if timeout is not None and timeout <= blocking:
+            return [Warning(
+                f"CHANNEL_LAYERS[{alias!r}] ({backend}) waits up to {blocking:g} s for each "
+                f"message, but the socket timeout of its Redis host {index} is {timeout:g} s: "
+                "every idle receive fails with 'Timeout reading from ...' and its consumer "
+                "is closed (WebSocket 1011).",
+                hint=f'Give each host a "socket_timeout" above {blocking:g} s, e.g. '
+                     '{"address": REDIS_URL, "socket_timeout": 15} (redis-py 8 defaults to '
+                     "5 s).",
+                id="streaming_app.W003",
+            )]  # fmt: skip
+    return []
+
+
+def blocking_receive_seconds(backend: Any) -> float | None:
+    """How long a receive of ``backend`` blocks in Redis; None unless it is (a subclass of)
+    channels_redis's core ``RedisChannelLayer``."""
+    try:
+        from channels_redis.core import RedisChannelLayer
+
+        layer_class = import_string(backend)
+    except (ImportError, TypeError, ValueError, AttributeError):
+        return None  # not installed, or not importable: Channels says so when it is used
+    if not (inspect.isclass(layer_class) and issubclass(layer_class, RedisChannelLayer)):
+        return None
+    return float(layer_class.brpop_timeout)
+
+
+def default_socket_timeout() -> float | None:
+    """The installed redis-py's default socket timeout of an asyncio connection."""
     from redis.asyncio.connection import AbstractConnection
 
     default = inspect.signature(AbstractConnection).parameters["socket_timeout"].default
-    blocking = RedisChannelLayer.brpop_timeout
-    messages: list[CheckMessage] = []
-    for host in layer.get("CONFIG", {}).get("hosts") or [{}]:
-        timeout = host.get("socket_timeout", default) if isinstance(host, dict) else default
-        if timeout is not None and timeout <= blocking:
-            messages.append(Warning(
-                f"channels_redis's RedisChannelLayer blocks {blocking} s in each receive, but its "
-                f"Redis socket timeout is {timeout} s: idle receives fail with 'Timeout reading' "
-                "and kill the consumers.",
-                hint='Give each CHANNEL_LAYERS host a "socket_timeout" above '
-                     f'{blocking}, e.g. {{"address": ..., "socket_timeout": 30}}.',
-                id="streaming_app.W003",
-            ))  # fmt: skip
-            break
-    return messages
+    return None if default is None else float(default)
+
+
+def socket_timeout(host: Any, default: float | None) -> float | None:
+    """The socket timeout a channels_redis ``hosts`` entry gives its connections: its
+    ``socket_timeout`` key, overridden (as redis-py does) by one in its address's query."""
+    if not isinstance(host, dict):
+        return default  # an address, or (host, port)
+    timeout = host.get("socket_timeout", default)
+    address = host.get("address")
+    if isinstance(address, str):
+        from redis.asyncio.connection import parse_url
+
+        # A malformed address is refused by redis-py itself when the layer connects.
+        with contextlib.suppress(ValueError):
+            timeout = parse_url(address).get("socket_timeout", timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        return None
+    return float(timeout)
 
 
 def database_messages(vendor: str, settings_dict: dict[str, Any]) -> list[CheckMessage]:
@@ -177,4 +221,4 @@ def check_fast_path(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage
     )]  # fmt: skip
 
 
-__all__ = ["StreamingManagerConfig", "check_fast_path", "check_settings"]
+__all__ = ["StreamingManagerConfig", "check_fast_path", "check_settings", "layer_messages"]

@@ -1,14 +1,18 @@
-"""ASGI middleware for the streaming routes: a backend that fails before we answer.
+"""ASGI middleware: a backend that fails before the streaming code could answer still gets the
+documented answer.
 
-Channels' session and auth middleware read the database before any consumer runs; when the
-database (or Redis) is unreachable there, the server would answer HTTP 500 to the WebSocket
-handshake and to Server-Sent Events. :class:`BackendErrorMiddleware` answers as the README
-promises instead: the socket is accepted, gets an ``error`` frame and close code 4503 (come
-back later with ``last_seq``); an HTTP request gets a JSON 503.
+Channels' ``AuthMiddlewareStack`` reads the session and the user from the database before a
+consumer runs, so with the database unreachable a WebSocket handshake or an SSE request used to
+end in a bare HTTP 500. Wrap the streaming routes in :class:`BackendErrorMiddleware`
+(outermost) and a backend failure (database, Redis) before the socket was accepted or the
+response started becomes what the README promises: an ``error`` frame
+``{"type": "error", "code": "BACKEND_UNAVAILABLE", ...}`` and close code 4503 on a WebSocket,
+a JSON 503 (``GMIError.to_dict()``) over HTTP. Clients retry later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,44 +24,81 @@ from .protocol import CloseCode, ServerFrame, frame
 logger = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-ANSWERS = ("websocket.accept", "websocket.close", "http.response.start")
+MESSAGE = "streaming backend failed"  # the same words as the consumers' own 4503 frame
+
+# What the wrapped app sends first to answer: from then on the answer is its own.
+ANSWERS = {
+    "websocket": {"websocket.accept", "websocket.close", "websocket.http.response.start"},
+    "http": {"http.response.start"},
+}
+WEBSOCKET_ENDS = {"websocket.close", "websocket.http.response.start"}
+REFUSALS = {"websocket": "close code 4503", "http": "HTTP 503"}
 
 
 class BackendErrorMiddleware:
-    """Wrap the outermost app of a streaming route: a backend failure raised before the app
-    answered becomes 4503 (WebSocket) or a JSON 503 (HTTP); anything else is re-raised."""
+    """Answers 4503 (accept, ``error`` frame, close) or a JSON 503 when the wrapped app fails
+    with a backend error before it answered; logs it with the path.
+
+    After the app answered, a backend error is logged and re-raised (the server ends the
+    connection); a socket still open is first closed with the ``error`` frame and 4503. Any
+    other exception passes through untouched.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        answered = False
+        kind = scope["type"]
+        answers = ANSWERS.get(kind)
+        if answers is None:  # lifespan, or anything else: not ours
+            await self.app(scope, receive, send)
+            return
+        sent: set[str] = set()
 
-        async def watching_send(message: dict[str, Any]) -> None:
-            nonlocal answered
-            answered = answered or message["type"] in ANSWERS
+        async def tracking_send(message: Message) -> None:
             await send(message)
+            sent.add(message["type"])
 
         try:
-            await self.app(scope, receive, watching_send)
+            await self.app(scope, receive, tracking_send)
         except Exception as exc:
-            if answered or scope["type"] not in ("http", "websocket") or not is_backend_error(exc):
+            if not is_backend_error(exc):
                 raise
-            logger.error("%s %s: streaming backend failed before the answer: %s: %s",
-                         scope["type"], scope.get("path", ""), type(exc).__name__, exc)  # fmt: skip
-            error = GMIError(GMIErrorCode.BACKEND_UNAVAILABLE, "streaming backend failed")
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.accept"})
-                await send({"type": "websocket.send", "text": frame(
-                    ServerFrame.ERROR, code=str(error.code), message=error.message)})  # fmt: skip
-                await send({"type": "websocket.close", "code": int(CloseCode.UNAVAILABLE)})
-            else:
-                await send({"type": "http.response.start", "status": int(error.http_status),
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"retry-after", b"5")]})  # fmt: skip
-                await send({"type": "http.response.body",
-                            "body": json.dumps(error.to_dict()).encode()})  # fmt: skip
+            answered = bool(sent & answers)
+            outcome = "after the answer started" if answered else f"answered {REFUSALS[kind]}"
+            logger.error("%s %s: streaming backend failed (%s): %s: %s", kind,
+                         scope.get("path", ""), outcome, type(exc).__name__, exc)  # fmt: skip
+            if not answered:
+                if kind == "websocket":
+                    await self.close_websocket(send, accepted=False)
+                else:
+                    await self.answer_http(send)
+                return
+            if kind == "websocket" and not sent & WEBSOCKET_ENDS:
+                # Still open: the documented close rather than the server's 1011.
+                with contextlib.suppress(Exception):  # the peer may be gone already
+                    await self.close_websocket(send, accepted=True)
+            raise
+
+    @staticmethod
+    async def close_websocket(send: Send, *, accepted: bool) -> None:
+        """Accept (unless done), then the ``error`` frame and close code 4503."""
+        if not accepted:
+            await send({"type": "websocket.accept"})
+        text = frame(ServerFrame.ERROR, code=str(GMIErrorCode.BACKEND_UNAVAILABLE), message=MESSAGE)
+        await send({"type": "websocket.send", "text": text})
+        await send({"type": "websocket.close", "code": int(CloseCode.UNAVAILABLE)})
+
+    @staticmethod
+    async def answer_http(send: Send) -> None:
+        """A 503 with the error as JSON (``GMIError.to_dict()``)."""
+        error = GMIError(GMIErrorCode.BACKEND_UNAVAILABLE, MESSAGE)
+        await send({"type": "http.response.start", "status": int(error.http_status),
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"retry-after", b"5")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": json.dumps(error.to_dict()).encode()})
