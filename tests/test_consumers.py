@@ -97,6 +97,16 @@ def slow_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(StreamConsumer, "send", slow_send)
 
 
+async def following(manager: StreamingManager, connect: Any, session_key: str) -> tuple[str, Peer]:
+    """A new stream and a peer that has received its first chunk, "1"."""
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    await manager.push_chunk(stream_id, delta(stream_id, "1"))
+    assert texts([await peer.frame()]) == ["1"]
+    return stream_id, peer
+
+
 def texts(frames: list[dict[str, Any]]) -> list[str]:
     return [f["chunk"]["text_delta"] for f in frames if f["type"] == "chunk"]
 
@@ -412,11 +422,7 @@ async def test_sweeper_repairs_a_client_whose_channel_dropped_the_tail(
 async def test_sweeper_ends_a_client_that_missed_the_close(
     manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stream_id = await manager.create_stream(session_key=session_key)
-    peer = await connect(stream_id)
-    await peer.frame()
-    await manager.push_chunk(stream_id, delta(stream_id, "1"))
-    assert texts([await peer.frame()]) == ["1"]
+    stream_id, peer = await following(manager, connect, session_key)
 
     async def lost(*args: Any, **kwargs: Any) -> None:
         raise StreamError(GMIErrorCode.BACKEND_UNAVAILABLE, "publish lost")  # a Redis blip
@@ -459,11 +465,7 @@ async def test_a_bug_in_a_handler_is_logged_closes_4500_and_releases_the_client(
 async def test_a_failing_history_closes_with_4503_instead_of_crashing(
     manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stream_id = await manager.create_stream(session_key=session_key)
-    peer = await connect(stream_id)
-    await peer.frame()
-    await manager.push_chunk(stream_id, delta(stream_id, "1"))
-    assert texts([await peer.frame()]) == ["1"]
+    stream_id, peer = await following(manager, connect, session_key)
 
     async def unreachable(*args: Any, **kwargs: Any) -> None:
         raise ConnectionError("Redis went away")  # the outage a test cannot stage in memory
