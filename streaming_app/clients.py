@@ -323,6 +323,18 @@ class Follower:
                 await self.worker.release(self)
         finally:
             self.released = True
+            if self._released is not None:
+                self._released.set()
+
+    _released: asyncio.Event | None = None
+
+    async def wait_released(self) -> None:
+        """Return once the client has been released (by its own task)."""
+        if self.released:
+            return
+        if self._released is None:
+            self._released = asyncio.Event()
+        await self._released.wait()
 
 
 class ChannelBridge(Follower):

@@ -191,9 +191,11 @@ class Worker:
                 await self._tell(follower, reason, CloseCode.SERVICE_RESTART)
                 told += 1
         waiting = [f for f in followers if not f.released and not isinstance(f, ChannelBridge)]
-        if waiting:
-            await asyncio.wait([asyncio.ensure_future(self._until_released(f)) for f in waiting],
-                               timeout=wait)  # fmt: skip
+        if waiting:  # each is ended and released by its own task, after its last frame
+            waits = [asyncio.ensure_future(f.wait_released()) for f in waiting]
+            _done, pending = await asyncio.wait(waits, timeout=wait)
+            for waiter in pending:
+                waiter.cancel()
         left = [f for f in followers if not f.released]
         for follower in left:
             logger.warning("client %s of stream %s did not leave in %g s", follower.client_id,
@@ -201,10 +203,6 @@ class Worker:
             await follower.release()
         logger.info("worker %s detached: %d client(s) told to reconnect", self.id, told)
         return len(followers)
-
-    async def _until_released(self, follower: Follower) -> None:
-        while not follower.released:  # noqa: ASYNC110  (followers expose no event to wait on)
-            await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
         """Stop this process's bridges (at shutdown, after their streams were closed)."""
