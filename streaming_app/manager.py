@@ -273,7 +273,10 @@ class StreamingManager:
             try:
                 await self.layer.join(stream_id, follower.channel_name)
             except BaseException:
-                await follower.release()
+                # Undo the registration only: a transport still refuses its peer (4503).
+                await self.worker.release(follower)
+                if isinstance(follower, ChannelBridge):
+                    await follower.release()
                 raise
             follower.joined = True
         finally:

@@ -506,3 +506,19 @@ async def test_shutdown_tells_clients_to_come_back_for_the_rest(
     frames, code = await peer.frames_until_close()
     assert code == CloseCode.SERVICE_RESTART
     assert frames[-1] == {"type": "reconnect", "reason": "Server shutting down", "last_seq": 1}
+
+
+async def test_a_channel_layer_that_fails_at_registration_is_4503_and_leaves_no_row(
+    manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+
+    async def down(*args: Any, **kwargs: Any) -> None:
+        raise StreamError(GMIErrorCode.BACKEND_UNAVAILABLE, "group_add failed")  # Redis down
+
+    monkeypatch.setattr(manager.layer, "join", down)
+    frames, code = await (await connect(stream_id)).frames_until_close()
+    assert code == CloseCode.UNAVAILABLE
+    assert [f["code"] for f in frames] == ["BACKEND_UNAVAILABLE"]
+    assert await manager.get_client_count_for_stream(stream_id) == 0
+    assert len(manager.worker) == 0
