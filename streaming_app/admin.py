@@ -25,6 +25,7 @@ from django.utils.timesince import timesince
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
+from .auth import CLOSE_PERMISSION, VIEW_CONTENTS_PERMISSION
 from .exceptions import GMIError
 from .manager import StreamActivity, get_streaming_manager
 from .models import Stream, StreamClient
@@ -36,8 +37,8 @@ else:
     _ClientInline = admin.TabularInline
     _StreamAdmin = admin.ModelAdmin
 
-CLOSE_PERMISSION = "streaming_app.close_stream"
 RECENT_CHUNKS = 20
+CONTENT_FIELDS = ("metadata", "recent_chunks")
 
 
 class CloseForm(forms.Form):
@@ -203,6 +204,20 @@ class StreamAdmin(_StreamAdmin):
         return inlines
 
     # -- permissions ----------------------------------------------------------------
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        """What the conversation said (its metadata and last chunks) needs "Can view stream
+        contents": seeing the list of streams does not."""
+        fields = tuple(super().get_readonly_fields(request, obj))
+        if request.user.has_perm(VIEW_CONTENTS_PERMISSION):
+            return fields
+        return tuple(f for f in fields if f not in CONTENT_FIELDS)
+
+    def get_exclude(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        exclude = tuple(super().get_exclude(request, obj) or ())
+        if request.user.has_perm(VIEW_CONTENTS_PERMISSION):
+            return exclude
+        return (*exclude, *CONTENT_FIELDS)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -11,14 +11,32 @@ from .exceptions import GMIErrorCode, StreamError
 from .models import Stream
 from .registry import database_sync_to_async
 
+VIEW_CONTENTS_PERMISSION = "streaming_app.view_stream_contents"
+CLOSE_PERMISSION = "streaming_app.close_stream"
 
-def default_can_subscribe(user: Any, session_key: str | None, stream: Stream) -> bool:
-    """Staff, the stream's owner, and the anonymous session that created it."""
-    if getattr(user, "is_authenticated", False) and (
-        user.is_staff or (stream.owner_id is not None and stream.owner_id == user.pk)
-    ):
+
+def is_owner(user: Any, session_key: str | None, stream: Stream) -> bool:
+    """The stream's owner, or the anonymous session that created it."""
+    owner = stream.owner_id
+    if getattr(user, "is_authenticated", False) and owner is not None and owner == user.pk:
         return True
     return bool(stream.session_key) and stream.session_key == session_key
+
+
+def default_can_subscribe(user: Any, session_key: str | None, stream: Stream) -> bool:
+    """The owner, the anonymous session that created it, and users with the permission
+    "Can view stream contents" (``is_staff`` alone is not enough)."""
+    if is_owner(user, session_key, stream):
+        return True
+    return bool(getattr(user, "is_active", False) and user.has_perm(VIEW_CONTENTS_PERMISSION))
+
+
+def default_can_cancel(user: Any, session_key: str | None, stream: Stream) -> bool:
+    """The owner, the anonymous session that created it, and users allowed to close streams
+    ("Can close streams", the admin's own permission)."""
+    if is_owner(user, session_key, stream):
+        return True
+    return bool(getattr(user, "is_active", False) and user.has_perm(CLOSE_PERMISSION))
 
 
 @database_sync_to_async

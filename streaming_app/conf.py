@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     # Who may subscribe: a callable ``(user, session_key, stream) -> bool`` by dotted path.
     "CAN_SUBSCRIBE": "streaming_app.auth.default_can_subscribe",
     # Who may cancel a stream from a client frame: same signature.
-    "CAN_CANCEL": "streaming_app.auth.default_can_subscribe",
+    "CAN_CANCEL": "streaming_app.auth.default_can_cancel",
     # The agent the demo chat runs: an async generator function by dotted path.
     "AGENT": "streaming_app.agents.local_agent",
     # Which channel layer carries the streams.

@@ -63,7 +63,10 @@ class Stream(models.Model):
             models.Index(fields=["status", "last_activity_at"], name="streaming_status_activity"),
             models.Index(fields=["status", "created_at"], name="streaming_status_created"),
         ]
-        permissions = [("close_stream", _("Can close streams"))]
+        permissions = [
+            ("close_stream", _("Can close streams")),
+            ("view_stream_contents", _("Can view stream contents")),
+        ]
 
     def __str__(self) -> str:
         return f"{self.id} ({self.get_status_display()})"

@@ -267,3 +267,17 @@ async def test_the_close_button_works_for_ids_the_admin_quotes() -> None:
     response = await sync_to_async(client.post)(url.group(1), {"reason": "Underscores"})
     assert response.status_code == 302
     await eventually(lambda: watcher.closed_reasons == ["Underscores"])
+
+
+async def test_what_a_conversation_said_needs_its_own_permission() -> None:
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream("talk-1", metadata={"message": "my secret plan"})
+    await manager.push_chunk(stream_id, delta(stream_id, "the private reply"))
+    url = f"{CHANGELIST}talk-1/change/"
+    viewer = await sync_to_async(staff)("viewer")
+    page = (await sync_to_async(viewer.get)(url)).content.decode()
+    assert "talk-1" in page
+    assert "my secret plan" not in page and "the private reply" not in page
+    reader = await sync_to_async(staff)("reader", "view_stream_contents")
+    page = (await sync_to_async(reader.get)(url)).content.decode()
+    assert "my secret plan" in page and "the private reply" in page

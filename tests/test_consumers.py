@@ -11,7 +11,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth.models import AnonymousUser, User
+from django.contrib.auth.models import AnonymousUser, Permission, User
 from django.contrib.sessions.backends.db import SessionStore
 from django.test import override_settings
 
@@ -232,15 +232,52 @@ async def test_refusals_have_their_own_close_codes(
         assert await manager.get_client_count_for_stream(stream_id) == expected
 
 
-async def test_owner_and_staff_may_subscribe(manager: StreamingManager, connect: Any) -> None:
+async def with_permissions(username: str, *codenames: str, **fields: Any) -> User:
+    user = await User.objects.acreate(username=username, **fields)
+    async for permission in Permission.objects.filter(codename__in=codenames):
+        await user.user_permissions.aadd(permission)
+    return user
+
+
+async def test_owners_and_readers_with_the_permission_may_subscribe_not_staff_alone(
+    manager: StreamingManager, connect: Any
+) -> None:
     owner = await User.objects.acreate(username="owner")
+    reader = await with_permissions("reader", "view_stream_contents", is_staff=True)
     staff = await User.objects.acreate(username="staff", is_staff=True)
     other = await User.objects.acreate(username="other")
     stream_id = await manager.create_stream(owner=owner)
-    for user in (owner, staff):
+    for user in (owner, reader):
         assert (await (await connect(stream_id, user=user)).frame())["type"] == "subscribed"
-    _frames, code = await (await connect(stream_id, user=other)).frames_until_close()
-    assert code == CloseCode.FORBIDDEN
+    for user in (staff, other):
+        _frames, code = await (await connect(stream_id, user=user)).frames_until_close()
+        assert code == CloseCode.FORBIDDEN
+
+
+async def test_only_the_owner_and_users_who_may_close_streams_may_cancel(
+    manager: StreamingManager, connect: Any
+) -> None:
+    owner = await User.objects.acreate(username="owner")
+    reader = await with_permissions("reader", "view_stream_contents", is_staff=True)
+    operator = await with_permissions("operator", "view_stream_contents", "close_stream",
+                                      is_staff=True)  # fmt: skip
+    stream_id = await manager.create_stream(owner=owner)
+    peer = await connect(stream_id, user=reader)  # may read every conversation, not stop it
+    await peer.frame()
+    await peer.send({"type": "cancel"})
+    assert (await peer.frame())["code"] == "PERMISSION_DENIED"
+    assert await manager.get_active_stream_ids() == [stream_id]
+    peer = await connect(stream_id, user=operator)
+    await peer.frame()
+    await peer.send({"type": "cancel"})
+    frames, code = await peer.frames_until_close()
+    assert (frames[-1]["reason"], code) == ("cancelled", CloseCode.STREAM_CLOSED)
+    mine = await manager.create_stream(owner=owner)
+    peer = await connect(mine, user=owner)
+    await peer.frame()
+    await peer.send({"type": "cancel"})
+    frames, code = await peer.frames_until_close()
+    assert (frames[-1]["reason"], code) == ("cancelled", CloseCode.STREAM_CLOSED)
 
 
 async def test_malformed_frames_get_an_error_and_the_socket_stays(
