@@ -41,15 +41,23 @@ def default_can_cancel(user: Any, session_key: str | None, stream: Stream) -> bo
 
 @database_sync_to_async
 def _check(
-    rule: str, user: Any, session_key: str | None, stream_id: str, *, allow_closed: bool
-) -> Stream:
-    try:
-        stream = Stream.objects.get(pk=stream_id)
-    except Stream.DoesNotExist:
+    rule: str, user: Any, session_key: str | None, stream_id: str, *, allow_closed: bool,
+    hide: bool,
+) -> Stream:  # fmt: skip
+    missing = StreamError(
+        GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist",
+        stream_id=stream_id,
+    )  # fmt: skip
+    stream = Stream.objects.filter(pk=stream_id).first()
+    if stream is None:
+        raise missing
+    if not import_string(rule)(user, session_key, stream):
+        if hide:  # a stranger learns nothing, not even that the id exists
+            raise missing
         raise StreamError(
-            GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist",
+            GMIErrorCode.PERMISSION_DENIED, f"not allowed to use stream {stream_id!r}",
             stream_id=stream_id,
-        ) from None  # fmt: skip
+        )  # fmt: skip
     if not stream.is_active and not allow_closed:
         raise StreamError(
             GMIErrorCode.STREAM_CLOSED,
@@ -57,11 +65,6 @@ def _check(
             stream_id=stream_id,
             details={"reason": stream.close_reason},
         )
-    if not import_string(rule)(user, session_key, stream):
-        raise StreamError(
-            GMIErrorCode.PERMISSION_DENIED, f"not allowed to use stream {stream_id!r}",
-            stream_id=stream_id,
-        )  # fmt: skip
     return stream
 
 
@@ -72,15 +75,19 @@ def scope_identity(scope: dict[str, Any]) -> tuple[Any, str | None]:
 
 
 async def authorize_subscribe(scope: dict[str, Any], stream_id: str) -> Stream:
-    """The stream (active or closed) the scope's user may see; raises ``StreamError``
-    (NOT_FOUND, PERMISSION_DENIED)."""
+    """The stream (active or closed) the scope's user may see; raises
+    ``StreamError(RESOURCE_NOT_FOUND)`` for a stream that does not exist *or* that the user may
+    not see, so that ids cannot be probed."""
     return await _check(
-        app_settings.CAN_SUBSCRIBE, *scope_identity(scope), stream_id, allow_closed=True
-    )
+        app_settings.CAN_SUBSCRIBE, *scope_identity(scope), stream_id, allow_closed=True,
+        hide=True,
+    )  # fmt: skip
 
 
 async def authorize_cancel(scope: dict[str, Any], stream_id: str) -> Stream:
-    """Like :func:`authorize_subscribe`, with the ``CAN_CANCEL`` rule."""
+    """The active stream the scope's user may cancel; raises ``StreamError``: NOT_FOUND,
+    PERMISSION_DENIED (the user follows it: hiding it would tell nothing), STREAM_CLOSED."""
     return await _check(
-        app_settings.CAN_CANCEL, *scope_identity(scope), stream_id, allow_closed=False
-    )
+        app_settings.CAN_CANCEL, *scope_identity(scope), stream_id, allow_closed=False,
+        hide=False,
+    )  # fmt: skip

@@ -112,6 +112,13 @@ class AppSettings:
             ),
         )
 
+    def allowed_hosts(self) -> list[str]:
+        """Django's ``ALLOWED_HOSTS`` as Django applies it (with DEBUG's local defaults)."""
+        hosts = list(settings.ALLOWED_HOSTS)
+        if settings.DEBUG and not hosts:
+            hosts = [".localhost", "127.0.0.1", "[::1]"]
+        return hosts
+
     @property
     def MAX_CHUNK_BYTES(self) -> int:
         return int(self.get("MAX_CHUNK_BYTES"))

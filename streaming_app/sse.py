@@ -13,10 +13,12 @@ import logging
 import uuid
 from typing import Any
 
+from django.http.request import split_domain_port, validate_host
+
 from .clients import Follower
 from .conf import app_settings
 from .consumers import parse_last_seq
-from .exceptions import GMIError, StreamError
+from .exceptions import GMIError, GMIErrorCode, StreamError
 from .layers import Inbox
 from .manager import get_streaming_manager
 from .protocol import ServerFrame
@@ -114,7 +116,7 @@ class EventStream(Follower):
                 await self.follow(receive, self.inbox)
         except Exception as exc:
             if not self.started:
-                from .exceptions import GMIErrorCode, is_backend_error
+                from .exceptions import is_backend_error
 
                 if is_backend_error(exc):
                     logger.error("SSE client %s of stream %s: backend failed: %s",
@@ -164,4 +166,30 @@ async def stream_events(scope: Scope, receive: Any, send: Any) -> None:
             break
     if message["type"] == "http.disconnect":
         return
+    if not host_allowed(scope):  # routed before Django, so Django's own check never runs
+        logger.warning("SSE request for %s refused: Host %r is not in ALLOWED_HOSTS",
+                       scope.get("path", ""), request_host(scope))  # fmt: skip
+        error = GMIError(GMIErrorCode.INVALID_ARGUMENT, "Invalid Host header")
+        await send({"type": "http.response.start", "status": 400,
+                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": json.dumps(error.to_dict()).encode()})
+        return
     await EventStream(scope, send).run(receive)
+
+
+def request_host(scope: Scope) -> str:
+    """The request's Host header (or the server's address when it sent none)."""
+    for name, value in scope.get("headers", []):
+        if name == b"host":
+            return str(value.decode("latin-1"))
+    server = scope.get("server")
+    return f"{server[0]}:{server[1]}" if server else ""
+
+
+def host_allowed(scope: Scope) -> bool:
+    """Django's ``ALLOWED_HOSTS`` check, for a route Django does not serve."""
+    host = request_host(scope)
+    if not host:
+        return True  # no Host and no server address (an in-process test): nothing to check
+    domain, _port = split_domain_port(host)
+    return bool(domain) and validate_host(domain, app_settings.allowed_hosts())

@@ -196,7 +196,7 @@ async def test_overflowing_channel_is_repaired_from_history(
     ("case", "code", "error"),
     [
         ("unknown", CloseCode.NOT_FOUND, "RESOURCE_NOT_FOUND"),
-        ("forbidden", CloseCode.FORBIDDEN, "PERMISSION_DENIED"),
+        ("forbidden", CloseCode.NOT_FOUND, "RESOURCE_NOT_FOUND"),  # ids cannot be probed
         ("full", CloseCode.STREAM_FULL, "RATE_LIMIT_EXCEEDED"),
         ("bad_last_seq", CloseCode.BAD_REQUEST, "INVALID_ARGUMENT"),
         ("last_seq_past_bigint", CloseCode.BAD_REQUEST, "INVALID_ARGUMENT"),
@@ -249,9 +249,11 @@ async def test_owners_and_readers_with_the_permission_may_subscribe_not_staff_al
     stream_id = await manager.create_stream(owner=owner)
     for user in (owner, reader):
         assert (await (await connect(stream_id, user=user)).frame())["type"] == "subscribed"
-    for user in (staff, other):
-        _frames, code = await (await connect(stream_id, user=user)).frames_until_close()
-        assert code == CloseCode.FORBIDDEN
+    unknown = await (await connect("no-such-stream", user=other)).frames_until_close()
+    for user in (staff, other):  # told exactly what a stream that does not exist says
+        frames, code = await (await connect(stream_id, user=user)).frames_until_close()
+        assert code == CloseCode.NOT_FOUND
+        assert frames == [{**unknown[0][0], "message": f"stream {stream_id!r} does not exist"}]
 
 
 async def test_only_the_owner_and_users_who_may_close_streams_may_cancel(

@@ -69,9 +69,9 @@ async def test_other_session_is_refused(tmp_path: Path) -> None:
             additional_headers={"Origin": server.http_url},
         ) as ws:
             frames = await read_frames(ws)
-        assert ws.close_code == 4403
-    assert frames == [{"type": "error", "code": "PERMISSION_DENIED",
-                       "message": f"not allowed to use stream {stream_id!r}"}]  # fmt: skip
+        assert ws.close_code == 4404  # as for an id that does not exist: nothing to probe
+    assert frames == [{"type": "error", "code": "RESOURCE_NOT_FOUND",
+                       "message": f"stream {stream_id!r} does not exist"}]  # fmt: skip
 
 
 async def test_stopping_a_worker_tells_its_clients_to_reconnect(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ async def test_last_event_id_resumes_without_gap_or_duplicate(
     ("case", "status", "code"),
     [
         ("unknown", 404, "RESOURCE_NOT_FOUND"),
-        ("forbidden", 403, "PERMISSION_DENIED"),
+        ("forbidden", 404, "RESOURCE_NOT_FOUND"),  # ids cannot be probed
         ("bad_last_seq", 400, "INVALID_ARGUMENT"),
         ("full", 429, "RATE_LIMIT_EXCEEDED"),
     ],
@@ -209,3 +209,27 @@ async def test_a_failed_write_follows_the_send_error_policy(session_key: str) ->
     assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert not await StreamClient.objects.filter(stream_id=stream_id).aexists()
     disconnect.set()
+
+
+def test_a_host_outside_allowed_hosts_is_refused_like_everywhere_else(tmp_path: Path) -> None:
+    """The SSE route is served before Django: it applies ALLOWED_HOSTS itself (real Daphne)."""
+    import urllib.error
+
+    env = base_env(DATABASE_URL=migrated_sqlite(tmp_path))
+    with DaphneServer(env, log=tmp_path / "daphne.log") as server:
+        statuses = {}
+        for host in ("evil.example", "127.0.0.1"):
+            request = urllib.request.Request(f"{server.http_url}/streams/s-1/events",
+                                             headers={"Host": host})  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=10)
+            statuses[host] = (info.value.code, json.loads(info.value.read())["code"])
+            info.value.close()
+        page = urllib.request.Request(f"{server.http_url}/", headers={"Host": "evil.example"})
+        with pytest.raises(urllib.error.HTTPError) as django_says:
+            urllib.request.urlopen(page, timeout=10)
+        django_says.value.close()
+    assert statuses == {"evil.example": (400, "INVALID_ARGUMENT"),
+                        "127.0.0.1": (404, "RESOURCE_NOT_FOUND")}  # fmt: skip
+    assert django_says.value.code == 400  # the same answer as Django's own views
+    assert "Host 'evil.example' is not in ALLOWED_HOSTS" in server.log()
