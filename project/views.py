@@ -15,6 +15,15 @@ from streaming_app.manager import get_streaming_manager
 MAX_MESSAGE_LENGTH = 4000
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (a lone surrogate from JSON's ``\\ud800`` is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @require_GET
 async def chat(request: HttpRequest) -> HttpResponse:
     """The chat page; every visitor gets a session so anonymous streams have an owner."""
@@ -28,11 +37,15 @@ async def start_turn(request: HttpRequest) -> JsonResponse:
     """Start an agent turn for the posted ``message``; the new stream's id and socket path."""
     try:
         body = json.loads(request.body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         body = None
     message = body.get("message") if isinstance(body, dict) else None
     if not isinstance(message, str) or not message.strip():
         return JsonResponse({"error": "Send a JSON body with a non-empty 'message'."}, status=400)
+    if "\x00" in message or not _encodable(message):
+        return JsonResponse(
+            {"error": "The message must be text: no NUL bytes or lone surrogates."}, status=400
+        )
     if len(message) > MAX_MESSAGE_LENGTH:
         return JsonResponse(
             {"error": f"Messages are limited to {MAX_MESSAGE_LENGTH} characters."}, status=400

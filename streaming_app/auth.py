@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.utils.module_loading import import_string
 
 from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
-from .models import Stream
+from .models import STREAM_ID_PATTERN, Stream
 from .registry import database_sync_to_async
 
+STREAM_ID = re.compile(STREAM_ID_PATTERN)
 VIEW_CONTENTS_PERMISSION = "streaming_app.view_stream_contents"
 CLOSE_PERMISSION = "streaming_app.close_stream"
 
@@ -48,6 +50,8 @@ def _check(
         GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist",
         stream_id=stream_id,
     )  # fmt: skip
+    if not STREAM_ID.match(stream_id):  # cannot exist: no query (NUL bytes, traversal, ...)
+        raise missing
     stream = Stream.objects.filter(pk=stream_id).first()
     if stream is None:
         raise missing

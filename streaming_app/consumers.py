@@ -135,3 +135,13 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
                 raise
             await self.send(text_data=frame(ServerFrame.ERROR, code=str(exc.code),
                                             message=exc.message))  # fmt: skip
+
+
+class NoSuchPath(AsyncWebsocketConsumer):
+    """Any other WebSocket path: refused with 4404 instead of the server's HTTP 500."""
+
+    async def connect(self) -> None:
+        await self.accept()
+        code = str(GMIErrorCode.RESOURCE_NOT_FOUND)
+        await self.send(text_data=frame(ServerFrame.ERROR, code=code, message="no such path"))
+        await self.close(code=int(CloseCode.NOT_FOUND))

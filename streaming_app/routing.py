@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from django.urls import path
+from django.urls import path, re_path
 
-from .consumers import StreamConsumer
+from .consumers import NoSuchPath, StreamConsumer
 from .sse import stream_events
 
 websocket_urlpatterns = [
     path("ws/streams/<str:stream_id>/", StreamConsumer.as_asgi(), name="streaming-ws"),
+    re_path(r"", NoSuchPath.as_asgi()),  # last: anything else is a clean 4404
 ]
 
 # Server-Sent Events (HTTP): route before the Django app, behind AuthMiddlewareStack.

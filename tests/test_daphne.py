@@ -111,3 +111,17 @@ async def test_stopping_a_worker_tells_its_clients_to_reconnect(tmp_path: Path) 
     counts = manage("shell", "--no-imports", "-c", "from streaming_app.models import StreamClient;"
                     "print(StreamClient.objects.count())", env=env)  # fmt: skip
     assert counts.stdout.strip() == "0", counts.stderr
+
+
+async def test_malformed_socket_paths_are_4404_without_a_traceback(tmp_path: Path) -> None:
+    env = base_env(DATABASE_URL=migrated_sqlite(tmp_path))
+    with DaphneServer(env, log=tmp_path / "daphne.log") as server:
+        for path in ("/ws/streams/a%00b/", "/ws/streams/..%2F..%2Fadmin/", "/ws/elsewhere/",
+                     "/ws/streams/" + "x" * 300 + "/"):  # fmt: skip
+            origin = {"Origin": server.http_url}
+            async with websockets.connect(server.ws_url + path, additional_headers=origin) as ws:
+                frames = await read_frames(ws)
+            assert ws.close_code == CloseCode.NOT_FOUND, (path, frames)
+            assert frames[0]["code"] == "RESOURCE_NOT_FOUND"
+        log = server.log()
+    assert "Traceback" not in log, log

@@ -75,3 +75,20 @@ async def test_a_full_site_answers_429() -> None:
     assert (first.status_code, second.status_code) == (201, 429)
     assert second.json()["code"] == "RATE_LIMIT_EXCEEDED"
     await finish_turns()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"message": "hi\\u0000"}',  # NUL: PostgreSQL's jsonb refuses it
+        b'{"message": "hi \\ud800"}',  # a lone surrogate
+        b'{"message": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # nested too deep to parse
+    ],
+)
+async def test_malformed_turns_are_a_400_not_a_500(body: bytes) -> None:
+    client = AsyncClient()
+    await client.get("/")
+    response = await client.post("/api/turns/", body, content_type="application/json")
+    assert response.status_code == 400
+    assert "error" in response.json()
+    assert not await Stream.objects.aexists()
