@@ -141,3 +141,21 @@ def env(database_url: str, redis_url: str) -> dict[str, str]:
     return base_env(
         DATABASE_URL=database_url, REDIS_URL=redis_url, STREAMING_APP_JSON=json.dumps(SETTINGS)
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_lingering_connections(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """At the end, end this process's idle PostgreSQL sessions on the test database (the
+    threads ``sync_to_async`` ran ORM calls in keep theirs), so it can be dropped."""
+    yield
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid() AND application_name = ''",
+            [connection.settings_dict["NAME"]],
+        )
+    connection.close()
