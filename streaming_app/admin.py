@@ -11,7 +11,7 @@ from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
-from django.contrib.admin.utils import unquote
+from django.contrib.admin.utils import quote, unquote
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import Count, QuerySet
@@ -269,7 +269,7 @@ class StreamAdmin(_StreamAdmin):
         if not self.has_close_permission(request):
             raise PermissionDenied
         stream = get_object_or_404(Stream, pk=unquote(object_id))  # admin URLs quote "_"
-        change_url = reverse("admin:streaming_app_stream_change", args=[stream.pk])
+        change_url = reverse("admin:streaming_app_stream_change", args=[quote(stream.pk)])
         if not stream.is_active:
             self.message_user(request, _("This stream was closed already."), messages.INFO)
             return HttpResponseRedirect(change_url)

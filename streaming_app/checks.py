@@ -203,7 +203,7 @@ def check_fast_path(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage
         manager.configure()
     except Exception:
         return []  # the settings checks say what is wrong
-    if not manager._publish_prefix:
+    if not manager.publishes_in_the_append:
         return []  # not configured for it: pushes append, then group_send
     try:
         proven = async_to_sync(manager._prove_fast_path)()

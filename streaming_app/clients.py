@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 from .auth import authorize_subscribe
 from .chunks import AgentOSResponse, encode_chunk, parse_chunk
 from .conf import app_settings
-from .exceptions import GMIError, GMIErrorCode, StreamError
+from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
 from .history import History
 from .layers import ChannelLayer, Inbox
 from .protocol import CloseCode, ServerFrame, chunk_frame, frame
@@ -226,8 +226,6 @@ class Follower:
     async def crashed(self, exc: BaseException) -> None:
         """Something failed while serving: a backend failure is 4503 (come back later); anything
         else is a bug, logged with its traceback and closed 4500."""
-        from .exceptions import is_backend_error
-
         if is_backend_error(exc):
             logger.error("client %s of stream %s: streaming backend failed: %s: %s",
                          self.client_id, self.stream_id, type(exc).__name__, exc)  # fmt: skip

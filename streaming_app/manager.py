@@ -8,6 +8,7 @@ and the channel layer (fan-out). ``push_chunk`` touches no database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -30,7 +31,7 @@ from .clients import ChannelBridge, Follower, StreamClient
 from .conf import StreamingManagerConfig, app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError, backend_error, is_backend_error
 from .history import AppendResult, History
-from .layers import CHUNK, Inbox, StreamLayer, group_name
+from .layers import CHUNK, Inbox, StreamLayer
 from .models import STREAM_ID_PATTERN
 from .protocol import CloseCode
 from .registry import NewClient, NewStream, Registry
@@ -151,6 +152,12 @@ class StreamingManager:
         self.config  # noqa: B018  (raises NOT_INITIALIZED)
         assert self._layer is not None
         return self._layer
+
+    @property
+    def publishes_in_the_append(self) -> bool:
+        """Whether pushes are set up to take one Redis round trip (the history publishes the
+        event itself); :meth:`_fast_path` proves it before the first push."""
+        return bool(self._publish_prefix)
 
     @property
     def crosses_processes(self) -> bool:
@@ -575,20 +582,19 @@ class StreamingManager:
 
     async def _prove_fast_path(self) -> bool:
         probe = f"__probe__.{uuid.uuid4().hex}"
-        inbox_layer = self.layer.layer
-        channel = await inbox_layer.new_channel("streaming.probe.")
-        inbox = Inbox(inbox_layer)
-        inbox.name = channel
+        inbox = Inbox(self.layer.layer)
+        channel = await inbox.open("streaming.probe.")
+        text = '{"probe":true}'
         try:
-            await inbox_layer.group_add(group_name(probe), channel)
+            await self.layer.join(probe, channel)
             await self.history.open(probe)
-            text = '{"probe":true}'
             await self.history.append(probe, text, take_failures=False,
                                       publish_to=self._publish_prefix + probe)  # fmt: skip
             async with asyncio.timeout(2):
                 event = await inbox.get()
-            await inbox_layer.group_discard(group_name(probe), channel)
-        finally:
+        finally:  # whatever happened, the probe leaves nothing behind
+            with contextlib.suppress(StreamError):
+                await self.layer.leave(probe, channel)
             await inbox.close()
             await self.history.forget(probe)
         if event != {"type": CHUNK, "seq": 1, "chunk": text}:

@@ -18,7 +18,7 @@ from django.http.request import split_domain_port, validate_host
 from .clients import Follower
 from .conf import app_settings
 from .consumers import parse_last_seq
-from .exceptions import GMIError, GMIErrorCode, StreamError
+from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
 from .layers import Inbox
 from .manager import get_streaming_manager
 from .protocol import ServerFrame
@@ -116,8 +116,6 @@ class EventStream(Follower):
                 await self.follow(receive, self.inbox)
         except Exception as exc:
             if not self.started:
-                from .exceptions import is_backend_error
-
                 if is_backend_error(exc):
                     logger.error("SSE client %s of stream %s: backend failed: %s",
                                  self.client_id, self.stream_id, exc)  # fmt: skip

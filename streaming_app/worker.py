@@ -176,7 +176,7 @@ class Worker:
 
     async def detach(self, reason: str = SHUTDOWN_REASON, *, wait: float = 5.0) -> int:
         """Let every client of this process go without closing streams: each is told to
-        reconnect (4012 with its ``last_seq``) and released. The number told."""
+        reconnect (4012 with its ``last_seq``) and released. The number released."""
         followers = list(self.followers.values())
         try:
             await self.manager.registry.remove_worker(self.id)

@@ -281,3 +281,17 @@ async def test_what_a_conversation_said_needs_its_own_permission() -> None:
     reader = await sync_to_async(staff)("reader", "view_stream_contents")
     page = (await sync_to_async(reader.get)(url)).content.decode()
     assert "my secret plan" in page and "the private reply" in page
+
+
+async def test_closing_returns_to_the_stream_it_closed_whatever_its_id() -> None:
+    manager = get_streaming_manager()
+    await manager.create_stream("job_1")  # what "job_5F1" reads as in an unquoted admin URL
+    stream_id = await manager.create_stream("job_5F1")
+    client = await sync_to_async(superuser)()
+    response = await sync_to_async(client.post)(
+        f"{CHANGELIST}job_5F5F1/close/", {"reason": "Done"}, follow=True
+    )
+    assert response.status_code == 200
+    assert response.context["original"].pk == stream_id
+    assert not (await Stream.objects.aget(pk=stream_id)).is_active
+    assert (await Stream.objects.aget(pk="job_1")).is_active
