@@ -26,7 +26,9 @@ SCREENSHOT = os.environ.get("STREAMING_SCREENSHOT", "")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
     directory = tmp_path_factory.mktemp("browser")
-    env = base_env(DATABASE_URL=migrated_sqlite(directory), DJANGO_SUPERUSER_PASSWORD="s3cret-pw")
+    # DEBUG as in the README's demo command: the page's scripts are served by the site itself.
+    env = base_env(DATABASE_URL=migrated_sqlite(directory), DJANGO_SUPERUSER_PASSWORD="s3cret-pw",
+                   DJANGO_DEBUG="1")  # fmt: skip
     made = manage("createsuperuser", "--noinput", "--username", "admin",
                   "--email", "admin@example.com", env=env)  # fmt: skip
     assert made.returncode == 0, made.stderr

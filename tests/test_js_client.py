@@ -29,7 +29,8 @@ StreamClient.objects.create(stream_id={sid!r}, client_id="ghost", channel_name="
 def page(tmp_path: Path) -> Iterator[tuple[Page, dict[str, str]]]:
     settings = {"MAX_CLIENTS_PER_STREAM": 2, "CLIENT_TIMEOUT_SECONDS": 2,
                 "SWEEP_INTERVAL_SECONDS": 0.5}  # fmt: skip
-    env = base_env(DATABASE_URL=migrated_sqlite(tmp_path), STREAMING_APP_JSON=json.dumps(settings))
+    env = base_env(DATABASE_URL=migrated_sqlite(tmp_path), STREAMING_APP_JSON=json.dumps(settings),
+                   DJANGO_DEBUG="1")  # the site serves the page's scripts itself  # fmt: skip
     with (
         DaphneServer(env, log=tmp_path / "daphne.log") as server,
         sync_playwright() as playwright,
