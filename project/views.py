@@ -24,11 +24,21 @@ def _encodable(text: str) -> bool:
     return True
 
 
+async def visitor_session(request: HttpRequest) -> str:
+    """This visitor's session key, with a new session when there is none: no cookie, or a
+    cookie whose session is gone (expired, deleted, made up)."""
+    session = request.session
+    await session.aitems()  # loads it: a cookie without a session leaves no key
+    if session.session_key is None:
+        await session.acreate()
+    assert session.session_key is not None
+    return session.session_key
+
+
 @require_GET
 async def chat(request: HttpRequest) -> HttpResponse:
     """The chat page; every visitor gets a session so anonymous streams have an owner."""
-    if request.session.session_key is None:
-        await request.session.acreate()
+    await visitor_session(request)
     return render(request, "chat.html", {"stream_id": request.GET.get("stream", "")})
 
 
@@ -50,17 +60,19 @@ async def start_turn(request: HttpRequest) -> JsonResponse:
         return JsonResponse(
             {"error": f"Messages are limited to {MAX_MESSAGE_LENGTH} characters."}, status=400
         )
-    if request.session.session_key is None:
-        await request.session.acreate()
+    session_key = await visitor_session(request)
     user = await request.auser()
     try:
         stream_id = await get_streaming_manager().create_stream(
             owner=user if user.is_authenticated else None,
-            session_key=request.session.session_key or "",
+            session_key=session_key,
             metadata={"message": message[:200]},
         )
     except GMIError as exc:
-        return JsonResponse(exc.to_dict(), status=exc.http_status)
+        response = JsonResponse(exc.to_dict(), status=exc.http_status)
+        if "retry_after" in exc.details:
+            response["Retry-After"] = str(exc.details["retry_after"])
+        return response
     start_agent(stream_id, message)
     return JsonResponse(
         {"stream_id": stream_id, "ws_path": f"/ws/streams/{stream_id}/"}, status=201

@@ -122,7 +122,7 @@ class StreamAdmin(_StreamAdmin):
                     "clients_connected", "chunks_pushed", "close_reason")  # fmt: skip
     list_filter = ("status", AgeFilter)
     search_fields = ("id", "owner__username", "metadata")
-    readonly_fields = ("id", "status", "owner", "session_key", "gmi_instance_id", "persona_id",
+    readonly_fields = ("id", "status", "owner", "anonymous", "gmi_instance_id", "persona_id",
                        "metadata", "inactivity_timeout_ms", "created_at", "last_activity",
                        "closed_at", "close_reason", "chunks_pushed", "recent_chunks")  # fmt: skip
     exclude = ("chunk_count", "last_activity_at")  # shown live (chunks_pushed, last_activity)
@@ -141,6 +141,12 @@ class StreamAdmin(_StreamAdmin):
             '<span data-stream="{}" data-field="status">{}</span>',
             stream.pk, stream.get_status_display(),
         )  # fmt: skip
+
+    @admin.display(description=_("anonymous visitor"), boolean=True)
+    def anonymous(self, stream: Stream) -> bool:
+        """Whether an anonymous session created it (its session is never shown: only a keyed
+        hash of it is stored, which is no use as a cookie)."""
+        return bool(stream.session_hash) and stream.owner_id is None
 
     @admin.display(description=_("age"))
     def age(self, stream: Stream) -> str:

@@ -10,4 +10,9 @@ class StreamingAppConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.contrib.auth.signals import user_logged_in
+
         from . import checks  # noqa: F401  (registers the system checks)
+        from .auth import adopt_anonymous_streams
+
+        user_logged_in.connect(adopt_anonymous_streams, dispatch_uid="streaming_app.adopt")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
+from django.conf import settings
+from django.utils.crypto import constant_time_compare, salted_hmac
 from django.utils.module_loading import import_string
 
 from .conf import app_settings
@@ -12,9 +15,56 @@ from .exceptions import GMIErrorCode, StreamError
 from .models import STREAM_ID_PATTERN, Stream
 from .registry import database_sync_to_async
 
+logger = logging.getLogger(__name__)
+
 STREAM_ID = re.compile(STREAM_ID_PATTERN)
 VIEW_CONTENTS_PERMISSION = "streaming_app.view_stream_contents"
 CLOSE_PERMISSION = "streaming_app.close_stream"
+
+
+SESSION_HASH_SALT = "streaming_app.Stream.session_hash"
+
+
+def session_hash(session_key: str | None, *, secret: str | None = None) -> str:
+    """The keyed hash of a session key that a stream stores ("" for no session): whoever reads
+    the row (staff in the admin, a database dump) cannot use it as a session cookie."""
+    if not session_key:
+        return ""
+    return salted_hmac(SESSION_HASH_SALT, session_key, secret=secret,
+                       algorithm="sha256").hexdigest()  # fmt: skip
+
+
+def session_hashes(session_key: str | None) -> list[str]:
+    """The hashes ``session_key`` may be stored under: with ``SECRET_KEY`` and each of
+    ``SECRET_KEY_FALLBACKS`` (a rotated key keeps visitors' streams theirs)."""
+    if not session_key:
+        return []
+    secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
+    return [session_hash(session_key, secret=secret) for secret in secrets]
+
+
+def created_in_session(stream: Stream, session_key: str | None) -> bool:
+    """Whether the anonymous session ``session_key`` created ``stream``."""
+    return bool(stream.session_hash) and any(
+        constant_time_compare(stream.session_hash, candidate)
+        for candidate in session_hashes(session_key)
+    )
+
+
+def adopt_anonymous_streams(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    """On ``user_logged_in``: the streams the visitor started before signing in become the
+    user's. Logging in gives the visitor a new session key, so the old one (the cookie the
+    request came with) would otherwise no longer match their streams."""
+    cookies = getattr(request, "COOKIES", None) or {}
+    old_key = cookies.get(settings.SESSION_COOKIE_NAME)
+    hashes = session_hashes(old_key)
+    if not hashes or getattr(user, "pk", None) is None:
+        return
+    moved = Stream.objects.filter(session_hash__in=hashes, owner__isnull=True).update(
+        owner=user, session_hash=""
+    )
+    if moved:
+        logger.info("%d anonymous stream(s) now belong to user %s", moved, user.pk)
 
 
 def is_owner(user: Any, session_key: str | None, stream: Stream) -> bool:
@@ -22,7 +72,7 @@ def is_owner(user: Any, session_key: str | None, stream: Stream) -> bool:
     owner = stream.owner_id
     if getattr(user, "is_authenticated", False) and owner is not None and owner == user.pk:
         return True
-    return bool(stream.session_key) and stream.session_key == session_key
+    return created_in_session(stream, session_key)
 
 
 def default_can_subscribe(user: Any, session_key: str | None, stream: Stream) -> bool:

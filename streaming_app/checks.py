@@ -28,6 +28,9 @@ POSITIVE_NUMBERS = {
     "CLIENT_TIMEOUT_SECONDS": "streaming_app.E011",
     "DELIVERY_TIMEOUT_SECONDS": "streaming_app.E012",
     "SSE_KEEPALIVE_SECONDS": "streaming_app.E019",
+    "MAX_STREAMS_PER_OWNER": "streaming_app.E021",
+    "MAX_STREAMS_PER_SESSION": "streaming_app.E022",
+    "MAX_NEW_STREAMS_PER_MINUTE": "streaming_app.E023",
 }
 DOTTED_PATHS = {
     "HISTORY_BACKEND": "streaming_app.E013",

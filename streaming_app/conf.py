@@ -26,6 +26,12 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_STREAM_INACTIVITY_TIMEOUT_MS": 300_000,
     "MAX_CLIENTS_PER_STREAM": 10,
     "ON_CLIENT_SEND_ERROR_BEHAVIOR": "log_and_continue",
+    # Fair shares: active streams per signed-in owner, per anonymous session, and streams one
+    # of them may start per minute (``math.inf``: no limit). Streams created with neither an
+    # owner nor a session (a task's, a script's) meet only MAX_CONCURRENT_STREAMS.
+    "MAX_STREAMS_PER_OWNER": 5,
+    "MAX_STREAMS_PER_SESSION": 2,
+    "MAX_NEW_STREAMS_PER_MINUTE": 20,
     # Chunks and client frames.
     "MAX_CHUNK_BYTES": 64 * 1024,
     "MAX_CLIENT_FRAME_BYTES": 4096,
@@ -118,6 +124,18 @@ class AppSettings:
         if settings.DEBUG and not hosts:
             hosts = [".localhost", "127.0.0.1", "[::1]"]
         return hosts
+
+    @property
+    def MAX_STREAMS_PER_OWNER(self) -> float:
+        return float(self.get("MAX_STREAMS_PER_OWNER"))
+
+    @property
+    def MAX_STREAMS_PER_SESSION(self) -> float:
+        return float(self.get("MAX_STREAMS_PER_SESSION"))
+
+    @property
+    def MAX_NEW_STREAMS_PER_MINUTE(self) -> float:
+        return float(self.get("MAX_NEW_STREAMS_PER_MINUTE"))
 
     @property
     def MAX_CHUNK_BYTES(self) -> int:

@@ -26,6 +26,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from .auth import session_hash
 from .chunks import AgentOSResponse, ErrorChunk, encode_chunk
 from .clients import ChannelBridge, Follower, StreamClient
 from .conf import StreamingManagerConfig, app_settings
@@ -34,7 +35,7 @@ from .history import AppendResult, History
 from .layers import CHUNK, Inbox, StreamLayer
 from .models import STREAM_ID_PATTERN
 from .protocol import CloseCode
-from .registry import NewClient, NewStream, Registry
+from .registry import NewClient, NewStream, Registry, StreamLimits
 from .sweeper import Sweeper, SweepReport
 from .watches import Watches
 from .worker import HISTORY_LOST_REASON, SHUTDOWN_REASON, Worker
@@ -178,8 +179,14 @@ class StreamingManager:
     ) -> str:
         """Create an active stream; its id (a UUID hex unless ``requested_stream_id``).
 
-        Raises ``StreamError``: RATE_LIMIT_EXCEEDED at ``max_concurrent_streams``,
-        RESOURCE_ALREADY_EXISTS for a requested id in use, INVALID_ARGUMENT for bad input.
+        ``owner`` (a user or its pk) or, for an anonymous visitor, ``session_key`` says whose
+        stream it is: who may follow and cancel it by default, and whose fair share it counts
+        against. The session key itself is not stored, only a keyed hash of it.
+
+        Raises ``StreamError``: RATE_LIMIT_EXCEEDED at ``max_concurrent_streams``, at the
+        owner's (or session's) ``MAX_STREAMS_PER_OWNER`` / ``MAX_STREAMS_PER_SESSION`` or
+        ``MAX_NEW_STREAMS_PER_MINUTE``, RESOURCE_ALREADY_EXISTS for a requested id in use,
+        INVALID_ARGUMENT for bad input.
         """
         config = self.config
         if requested_stream_id is not None and (
@@ -211,18 +218,32 @@ class StreamingManager:
                 stream_id=requested_stream_id,
             )
         owner_id = getattr(owner, "pk", owner)
-        stream_id = await self.registry.create_stream(
-            NewStream(
-                requested_id=requested_stream_id,
-                owner_id=owner_id,
-                session_key=session_key or "",
-                gmi_instance_id=gmi_instance_id,
-                persona_id=persona_id,
-                metadata=metadata,
-                inactivity_timeout_ms=inactivity_timeout_ms,
-            ),
-            limit=config.max_concurrent_streams,
+        new = NewStream(
+            requested_id=requested_stream_id,
+            owner_id=owner_id,
+            # The owner's streams are the owner's; a session only marks anonymous ones.
+            session_hash="" if owner_id is not None else session_hash(session_key),
+            gmi_instance_id=gmi_instance_id,
+            persona_id=persona_id,
+            metadata=metadata,
+            inactivity_timeout_ms=inactivity_timeout_ms,
         )
+        limits = StreamLimits(
+            total=config.max_concurrent_streams,
+            per_owner=app_settings.MAX_STREAMS_PER_OWNER,
+            per_session=app_settings.MAX_STREAMS_PER_SESSION,
+            per_minute=app_settings.MAX_NEW_STREAMS_PER_MINUTE,
+        )
+        try:
+            stream_id = await self.registry.create_stream(new, limits=limits)
+        except StreamError as exc:
+            if exc.code is GMIErrorCode.RATE_LIMIT_EXCEEDED:
+                self.stats["streams_refused"] += 1
+                logger.warning(
+                    "stream refused (owner=%s, session=%s): %s", owner_id,
+                    new.session_hash[:12] or "-", exc.message,
+                )  # fmt: skip
+            raise
         try:
             await self.history.open(stream_id)
         except Exception as exc:

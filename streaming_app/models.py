@@ -39,7 +39,9 @@ class Stream(models.Model):
         on_delete=models.SET_NULL,
         related_name="streams",
     )
-    session_key = models.CharField(_("session key"), max_length=40, blank=True)
+    # A keyed hash (``auth.session_hash``) of the anonymous session that created the stream:
+    # the session key itself is never stored, so the row cannot be used to take the session.
+    session_hash = models.CharField(_("session hash"), max_length=64, blank=True, editable=False)
     gmi_instance_id = models.CharField(_("GMI instance id"), max_length=128, blank=True)
     persona_id = models.CharField(_("persona id"), max_length=128, blank=True)
     metadata = models.JSONField(_("metadata"), default=dict, blank=True)
@@ -62,6 +64,9 @@ class Stream(models.Model):
         indexes = [
             models.Index(fields=["status", "last_activity_at"], name="streaming_status_activity"),
             models.Index(fields=["status", "created_at"], name="streaming_status_created"),
+            # The per-owner and per-session limits and start rates.
+            models.Index(fields=["owner", "created_at"], name="streaming_owner_created"),
+            models.Index(fields=["session_hash", "created_at"], name="streaming_session_created"),
         ]
         permissions = [
             ("close_stream", _("Can close streams")),

@@ -8,6 +8,7 @@ write lock (``"transaction_mode": "IMMEDIATE"``).
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,14 +31,14 @@ else:
 _CREATE_LOCK_KEY = 0x5354524D
 
 
-__all__ = ["Registry", "database_sync_to_async"]
+__all__ = ["Registry", "StreamLimits", "database_sync_to_async"]
 
 
 @dataclass(frozen=True)
 class NewStream:
     requested_id: str | None
     owner_id: int | None
-    session_key: str
+    session_hash: str
     gmi_instance_id: str
     persona_id: str
     metadata: dict[str, Any]
@@ -82,6 +83,55 @@ def alive(cutoff: datetime) -> Q:
     return Q(worker_id__in=fresh) | (~Q(worker_id__in=known) & Q(last_seen_at__gte=cutoff))
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """What ``create_stream`` enforces: active streams in all, per owner, per anonymous
+    session, and streams one owner (or session) may start per minute."""
+
+    total: float
+    per_owner: float = math.inf
+    per_session: float = math.inf
+    per_minute: float = math.inf
+
+
+def _check_own_limits(new: NewStream, limits: StreamLimits) -> None:
+    """Raise RATE_LIMIT_EXCEEDED when the new stream's owner (or anonymous session) is at its
+    limit of active streams or of streams started in the last minute. The message and
+    details speak of the caller's own streams only."""
+    if new.owner_id is not None:
+        own, cap, whose = Q(owner_id=new.owner_id), limits.per_owner, "max_streams_per_owner"
+    elif new.session_hash:
+        own, cap, whose = Q(session_hash=new.session_hash, owner__isnull=True), \
+            limits.per_session, "max_streams_per_session"  # fmt: skip
+    else:
+        return  # a stream of the application's own (a task, a script): the global limit only
+    mine = Stream.objects.filter(own)
+    active = mine.filter(status=Stream.Status.ACTIVE).count()
+    if active >= cap:
+        raise StreamError(
+            GMIErrorCode.RATE_LIMIT_EXCEEDED,
+            f"you have {active} active streams, the most allowed ({cap:g}): wait for one to "
+            "end, or cancel one",
+            stream_id=new.requested_id,
+            details={"limit": whose, "active": active, "max": cap},
+        )
+    now = timezone.now()
+    recent = list(
+        mine.filter(created_at__gt=now - timedelta(minutes=1))
+        .order_by("created_at")
+        .values_list("created_at", flat=True)[: int(min(limits.per_minute, 10**9))]
+    )
+    if len(recent) >= limits.per_minute:
+        retry_after = max(1, math.ceil((recent[0] + timedelta(minutes=1) - now).total_seconds()))
+        raise StreamError(
+            GMIErrorCode.RATE_LIMIT_EXCEEDED,
+            f"you started {len(recent)} streams in the last minute, the most allowed "
+            f"({limits.per_minute:g}): try again in {retry_after} s",
+            stream_id=new.requested_id,
+            details={"limit": "max_new_streams_per_minute", "retry_after": retry_after},
+        )
+
+
 def _lock_for_create() -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
@@ -92,21 +142,27 @@ class Registry:
     """The database side of the manager: no method is called per chunk."""
 
     @database_sync_to_async
-    def create_stream(self, new: NewStream, *, limit: float) -> str:
-        """Insert an active stream unless ``limit`` streams are active; its id."""
+    def create_stream(self, new: NewStream, *, limits: StreamLimits) -> str:
+        """Insert an active stream unless a limit is reached; its id.
+
+        The global limit, then the owner's (or the anonymous session's) active streams and
+        streams started in the last minute, all counted under the one create lock.
+        """
         with transaction.atomic():
             _lock_for_create()
-            active = Stream.objects.filter(status=Stream.Status.ACTIVE).count()
-            if active >= limit:
+            if Stream.objects.filter(status=Stream.Status.ACTIVE).count() >= limits.total:
+                # Nothing about other users' streams: no count, no owners.
                 raise StreamError(
                     GMIErrorCode.RATE_LIMIT_EXCEEDED,
-                    f"max_concurrent_streams ({limit:g}) reached: {active} streams are active",
+                    "max_concurrent_streams reached: no new stream can start now, try again "
+                    "in a moment",
                     stream_id=new.requested_id,
-                    details={"limit": limit, "active": active},
+                    details={"limit": "max_concurrent_streams", "retry_after": 5},
                 )
+            _check_own_limits(new, limits)
             fields = {
                 "owner_id": new.owner_id,
-                "session_key": new.session_key,
+                "session_hash": new.session_hash,
                 "gmi_instance_id": new.gmi_instance_id,
                 "persona_id": new.persona_id,
                 "metadata": new.metadata,

@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 import urllib.request
-from http.cookiejar import CookieJar
+from http.cookiejar import Cookie, CookieJar
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,15 @@ from streaming_app.protocol import CloseCode
 from .servers import DaphneServer, base_env, manage, migrated_sqlite, read_frames
 
 
-def start_turn(server: DaphneServer, message: str) -> tuple[str, str]:
-    """Open the chat page, post a message; the stream id and the session cookie."""
+def start_turn(server: DaphneServer, message: str, *, stale: str = "") -> tuple[str, str]:
+    """Open the chat page, post a message; the stream id and the session cookie. ``stale``:
+    come with a session cookie of that value (a session that does not exist)."""
     jar = CookieJar()
+    if stale:
+        jar.set_cookie(Cookie(
+            0, "sessionid", stale, None, False, "127.0.0.1", False, False, "/", True, False,
+            None, False, None, None, {},
+        ))  # fmt: skip
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     page = opener.open(server.http_url + "/").read().decode()
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
@@ -58,6 +64,22 @@ async def test_reply_streams_token_by_token_through_daphne(tmp_path: Path) -> No
         "reason": "Interaction complete.",
         "last_seq": len(chunks),
     }
+
+
+async def test_a_stale_session_cookie_still_follows_its_own_reply(tmp_path: Path) -> None:
+    env = base_env(DATABASE_URL=migrated_sqlite(tmp_path))
+    stale = "x" * 32  # e.g. a session that expired, or a cookie from before a database reset
+    with DaphneServer(env, log=tmp_path / "daphne.log") as server:
+        stream_id, cookie = start_turn(server, "hello again", stale=stale)
+        assert stale not in cookie  # the page gave the visitor a new session
+        async with websockets.connect(
+            f"{server.ws_url}/ws/streams/{stream_id}/",
+            additional_headers={"Cookie": cookie, "Origin": server.http_url},
+        ) as ws:
+            frames = await read_frames(ws)
+        assert ws.close_code == 4000, server.log()
+    assert frames[0]["type"] == "subscribed"
+    assert frames[-1]["reason"] == "Interaction complete."
 
 
 async def test_other_session_is_refused(tmp_path: Path) -> None:

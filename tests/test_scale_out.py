@@ -29,6 +29,7 @@ from .servers import (
     drop_postgres_database,
     manager_call,
     read_frames,
+    run_python,
     start_python,
     with_settings,
 )
@@ -133,6 +134,28 @@ def test_global_limits_hold_across_racing_processes(env: dict[str, str]) -> None
     )
     assert race(create, env=racing) == 7
     assert manager_call(racing, "out = len(await m.get_active_stream_ids())") == 7
+
+
+def test_fair_shares_hold_across_racing_processes(env: dict[str, str]) -> None:
+    racing = with_settings(env, MAX_STREAMS_PER_OWNER=5, MAX_STREAMS_PER_SESSION=3)
+    uid = int(run_python(
+        "from django.contrib.auth.models import User\n"
+        "print(User.objects.create(username='racer').pk)\n", env=racing,
+    ).strip())  # fmt: skip
+    create = (
+        "import asyncio\n"
+        "from streaming_app.manager import get_streaming_manager\n"
+        "async def main():\n"
+        "    m = get_streaming_manager()\n"
+        f"    calls = [m.create_stream(owner={uid}) for _ in range(6)]\n"
+        "    calls += [m.create_stream(session_key='visitor-key') for _ in range(6)]\n"
+        "    results = await asyncio.gather(*calls, return_exceptions=True)\n"
+        "    # owner's streams count in hundreds, the session's in ones\n"
+        "    print(sum(100 if i < 6 else 1 for i, r in enumerate(results) if isinstance(r, str)))\n"
+        "asyncio.run(main())\n"
+    )
+    assert race(create, env=racing) == 503  # 4 processes x 6 tries each: exactly 5 and 3
+    assert manager_call(racing, "out = len(await m.get_active_stream_ids())") == 8
 
 
 def test_client_limit_holds_across_racing_processes(env: dict[str, str]) -> None:
