@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import AnonymousUser, User
 from django.test import AsyncClient, override_settings
 
 from streaming_app.agents import _running
 from streaming_app.auth import default_can_cancel, default_can_subscribe, session_hash
+from streaming_app.manager import get_streaming_manager
 from streaming_app.models import Stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -154,3 +156,13 @@ async def test_the_admin_never_shows_a_visitors_session() -> None:
                 "/admin/streaming_app/stream/"):  # fmt: skip
         page = (await staff.get(url)).content.decode()
         assert key not in page and session_hash(key) not in page
+
+
+async def test_a_rotated_secret_key_keeps_anonymous_streams_theirs() -> None:
+    stream_id = await get_streaming_manager().create_stream(session_key="visitor-session-key")
+    stream = await Stream.objects.aget(pk=stream_id)
+    old = settings.SECRET_KEY
+    with override_settings(SECRET_KEY="rotated-" + old, SECRET_KEY_FALLBACKS=[old]):
+        assert default_can_subscribe(AnonymousUser(), "visitor-session-key", stream)
+    with override_settings(SECRET_KEY="rotated-" + old, SECRET_KEY_FALLBACKS=[]):
+        assert not default_can_subscribe(AnonymousUser(), "visitor-session-key", stream)
