@@ -522,13 +522,15 @@ class StreamingManager:
             return
         self.sweeper.start()
 
-    async def sweep(self, *, dry_run: bool = False) -> SweepReport:
+    async def sweep(self, *, dry_run: bool = False, background: bool = False) -> SweepReport:
         """One pass of background work: heartbeat this worker, remove dead workers' clients,
         record activity, close streams idle past their timeout, finish half-done closes.
 
-        With ``dry_run`` nothing changes; the report says what would have been done."""
+        With ``dry_run`` nothing changes; the report says what would have been done. With
+        ``background``, as the sweeper's loop runs it: the cluster's part (all but the
+        heartbeat and this worker's nudges) only by the holder of the sweeper lease."""
         self.config  # noqa: B018  (raises NOT_INITIALIZED)
-        return await self.sweeper.sweep(dry_run=dry_run)
+        return await self.sweeper.sweep(dry_run=dry_run, background=background)
 
     # -- internals ----------------------------------------------------------------------
 

@@ -141,3 +141,19 @@ class StreamClient(models.Model):
 
     def __str__(self) -> str:
         return f"{self.client_id} on {self.stream_id}"
+
+
+class ClusterLease(models.Model):
+    """A lease on work that one worker does for the whole cluster (the sweeper's cluster
+    part): held by ``holder`` until ``expires_at``, renewed by each of its passes."""
+
+    name = models.CharField(_("name"), primary_key=True, max_length=64)
+    holder = models.CharField(_("holder"), max_length=128)
+    expires_at = models.DateTimeField(_("expires"))
+
+    class Meta:
+        verbose_name = _("cluster lease")
+        verbose_name_plural = _("cluster leases")
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.holder})"

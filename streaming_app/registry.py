@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from .exceptions import GMIErrorCode, StreamError
 from .history import StreamState
-from .models import Stream, StreamClient, StreamWorker
+from .models import ClusterLease, Stream, StreamClient, StreamWorker
 
 if TYPE_CHECKING:  # channels is untyped; its wrapper has asgiref's signature
     from asgiref.sync import sync_to_async as database_sync_to_async
@@ -281,12 +281,40 @@ class Registry:
 
     @database_sync_to_async
     def record_activity(self, states: dict[str, StreamState]) -> None:
-        """Copy chunk counts and last activity from the history onto the rows."""
-        for stream_id, state in states.items():
-            Stream.objects.filter(pk=stream_id).update(
+        """Copy chunk counts and last activity from the history onto the rows (one UPDATE
+        per 500 streams)."""
+        rows = [
+            Stream(
+                pk=stream_id,
                 chunk_count=state.head_seq,
                 last_activity_at=datetime.fromtimestamp(state.last_activity, tz=UTC),
             )
+            for stream_id, state in states.items()
+        ]
+        Stream.objects.bulk_update(rows, ["chunk_count", "last_activity_at"], batch_size=500)
+
+    @database_sync_to_async
+    def acquire_lease(self, name: str, holder: str, ttl: timedelta) -> bool:
+        """Take or renew the lease ``name`` for ``ttl``; whether ``holder`` has it. One
+        statement when it is renewed or held by another: a conditional UPDATE, atomic on
+        every database."""
+        now = timezone.now()
+        taken = ClusterLease.objects.filter(
+            Q(holder=holder) | Q(expires_at__lt=now), name=name
+        ).update(holder=holder, expires_at=now + ttl)
+        if taken:
+            return True
+        try:
+            with transaction.atomic():
+                ClusterLease.objects.create(name=name, holder=holder, expires_at=now + ttl)
+        except IntegrityError:  # it exists and another worker holds it
+            return False
+        return True
+
+    @database_sync_to_async
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up (a worker stopping): another takes it at its next pass."""
+        ClusterLease.objects.filter(name=name, holder=holder).delete()
 
     @database_sync_to_async
     def activity(self, stream_ids: list[str]) -> dict[str, tuple[int, datetime]]:
@@ -401,4 +429,5 @@ class Registry:
             refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
             rows.delete()
             StreamWorker.objects.filter(pk=worker_id).delete()
+            ClusterLease.objects.filter(holder=worker_id).delete()  # another takes over
         return refs

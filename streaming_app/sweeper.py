@@ -1,8 +1,13 @@
 """Background work of a serving process, every ``SWEEP_INTERVAL_SECONDS``.
 
-One pass: this worker's heartbeat; clients of workers that stopped sending theirs; activity
-copied from the history onto the rows; streams idle past their timeout closed; closes that
-stopped half-way finished; clients that fell behind nudged.
+One pass has two parts. This worker's own: its heartbeat (one row per worker, its clients'
+positions in one bulk update) and nudges for its clients that fell behind. The cluster's:
+clients of workers that stopped sending heartbeats reaped, activity copied from the history
+onto the rows (in bulk), streams idle past their timeout closed, closes that stopped half-way
+finished. With a shared history (Redis) the cluster's part is done by one worker at a time,
+the holder of the ``sweeper`` lease (a database row it renews each pass; when it stops, or
+stops renewing for ``LEASE_PASSES`` passes, another takes over). With a process-local history
+each process sweeps its own streams.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+LEASE = "sweeper"
+# The lease outlives this many missed passes of its holder before another worker takes it.
+LEASE_PASSES = 3
+
 
 @dataclass
 class SweepReport:
@@ -33,6 +42,7 @@ class SweepReport:
     closed_idle: list[str] = field(default_factory=list)
     reaped_clients: list[tuple[str, str]] = field(default_factory=list)
     finished_closes: list[str] = field(default_factory=list)
+    cluster: bool = True  # whether this pass did the cluster's part (held the lease)
 
 
 class Sweeper:
@@ -72,18 +82,18 @@ class Sweeper:
         while True:
             await asyncio.sleep(app_settings.SWEEP_INTERVAL_SECONDS)
             try:
-                await self.sweep()
+                await self.sweep(background=True)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("streaming sweeper of worker %s failed", self.manager.worker_id)
 
-    async def sweep(self, *, dry_run: bool = False) -> SweepReport:
-        """One pass. With ``dry_run`` nothing changes; the report says what would be done."""
+    async def sweep(self, *, dry_run: bool = False, background: bool = False) -> SweepReport:
+        """One pass. With ``dry_run`` nothing changes; the report says what would be done.
+        ``background`` (the sweeper's own loop): the cluster's part only with the lease; an
+        explicit pass (a command, a test) does it anyway (every step is idempotent)."""
         manager = self.manager
-        config = manager.config
         report = SweepReport()
-        timeout = app_settings.CLIENT_TIMEOUT_SECONDS
         if not dry_run:
             try:
                 await manager.worker.heartbeat()
@@ -92,6 +102,21 @@ class Sweeper:
                 raise
             if self._healthy_since is None:
                 self._healthy_since = time.monotonic()
+        if background and manager.history.shared:
+            ttl = timedelta(seconds=LEASE_PASSES * app_settings.SWEEP_INTERVAL_SECONDS)
+            report.cluster = await manager.registry.acquire_lease(LEASE, manager.worker_id, ttl)
+        if report.cluster:
+            await self._sweep_cluster(report, dry_run=dry_run)
+        if dry_run:
+            return report
+        await manager.worker.nudge_stragglers()
+        manager.history.expire_closed()
+        return report
+
+    async def _sweep_cluster(self, report: SweepReport, *, dry_run: bool) -> None:
+        manager = self.manager
+        config = manager.config
+        timeout = app_settings.CLIENT_TIMEOUT_SECONDS
         if dry_run or time.monotonic() - (self._healthy_since or 0.0) >= timeout:
             await self._reap(report, timedelta(seconds=timeout), dry_run=dry_run)
         active = await manager.registry.active_streams()
@@ -115,11 +140,6 @@ class Sweeper:
                     await manager.close_stream(
                         stream.id, f"Closed after {timeout_ms / 1000:g} s of inactivity"
                     )
-        if dry_run:
-            return report
-        await manager.worker.nudge_stragglers()
-        manager.history.expire_closed()
-        return report
 
     async def _reap(self, report: SweepReport, older_than: timedelta, *, dry_run: bool) -> None:
         manager = self.manager

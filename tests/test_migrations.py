@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
@@ -15,7 +17,15 @@ BEFORE = [("streaming_app", "0003_view_stream_contents")]
 AFTER = [("streaming_app", "0004_session_hash")]
 
 
-def test_stored_session_keys_become_hashes_and_stay_their_visitors() -> None:
+@pytest.fixture
+def latest_after() -> Iterator[None]:
+    """Leave the database fully migrated for the tests that follow."""
+    yield
+    executor = MigrationExecutor(connection)
+    executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+def test_stored_session_keys_become_hashes_and_stay_their_visitors(latest_after: None) -> None:
     executor = MigrationExecutor(connection)
     executor.migrate(BEFORE)
     old = executor.loader.project_state(BEFORE).apps.get_model("streaming_app", "Stream")

@@ -11,7 +11,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from streaming_app.manager import StreamingManager, get_streaming_manager
-from streaming_app.models import Stream, StreamClient
+from streaming_app.models import ClusterLease, Stream, StreamClient
 
 from .conftest import RecordingClient, delta, eventually
 
@@ -113,3 +113,36 @@ async def test_sweep_keeps_its_own_clients_and_reaps_a_dead_workers() -> None:
     assert report.reaped_clients == [(stream_id, "ghost")]
     assert await manager.get_client_count_for_stream(stream_id) == 1
     await manager.shutdown()
+
+
+async def test_one_worker_at_a_time_does_the_clusters_part_and_another_takes_over(
+    redis_url: str,
+) -> None:
+    shared = {
+        "HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
+        "REDIS_URL": redis_url,
+        "SWEEP_INTERVAL_SECONDS": 3600,
+        "CLIENT_TIMEOUT_SECONDS": 7200,
+    }  # fmt: skip  (no background passes)
+    with override_settings(STREAMING_APP=shared):
+        first, second, third = StreamingManager(), StreamingManager(), StreamingManager()
+        for worker in (first, second, third):
+            await worker.initialize()
+
+        async def cluster(worker: StreamingManager) -> bool:
+            return (await worker.sweep(background=True)).cluster
+
+        assert [await cluster(first), await cluster(second), await cluster(first)] == [
+            True, False, True,
+        ]  # fmt: skip
+        assert (await second.sweep()).cluster  # an explicit pass (a command's): always
+        await first.detach_worker()  # a worker that stops gives the lease up at once
+        assert [await cluster(second), await cluster(third)] == [True, False]
+        # The holder dies without a word: once its lease runs out (LEASE_PASSES passes
+        # without renewing it), the next worker to sweep takes it.
+        await ClusterLease.objects.filter(holder=second.worker_id).aupdate(
+            expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        assert [await cluster(third), await cluster(second)] == [True, False]
+        for worker in (second, third):
+            await worker.shutdown()
