@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from . import views
 
@@ -9,4 +9,5 @@ urlpatterns = [
     path("", views.chat, name="chat"),
     path("api/turns/", views.start_turn, name="start-turn"),
     path("admin/", admin.site.urls),
+    path("", include("streaming_app.urls")),
 ]

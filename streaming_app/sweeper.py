@@ -56,6 +56,8 @@ class Sweeper:
         # (the database was unreachable) the others' heartbeats failed too: their clients are
         # not reaped until they had the time to send one.
         self._healthy_since: float | None = float("-inf")
+        # When the loop last finished a pass (or started): what the health check looks at.
+        self.last_pass_at = time.monotonic()
 
     @property
     def running(self) -> bool:
@@ -64,6 +66,7 @@ class Sweeper:
     def start(self) -> None:
         """Start the loop in the running event loop, unless it runs already."""
         if not self.running:
+            self.last_pass_at = time.monotonic()
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="streaming-sweeper"
             )
@@ -87,6 +90,8 @@ class Sweeper:
                 raise
             except Exception:
                 logger.exception("streaming sweeper of worker %s failed", self.manager.worker_id)
+            else:
+                self.last_pass_at = time.monotonic()
 
     async def sweep(self, *, dry_run: bool = False, background: bool = False) -> SweepReport:
         """One pass. With ``dry_run`` nothing changes; the report says what would be done.
