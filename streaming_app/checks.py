@@ -78,6 +78,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 f"{SETTING_NAME}['{key}'] = {value!r} cannot be imported: {exc}.",
                 hint="Give a dotted path to an importable object.", id=check_id,
             ))  # fmt: skip
+    token = app_settings.get("METRICS_TOKEN")
+    if not isinstance(token, str) or (token and len(token) < 32):
+        messages.append(Error(
+            f"{SETTING_NAME}['METRICS_TOKEN'] must be a string of at least 32 characters "
+            "(or empty: metrics only for users with the permission).",
+            hint="e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            id="streaming_app.E024",
+        ))  # fmt: skip
     alias = app_settings.CHANNEL_LAYER
     if alias not in getattr(settings, "CHANNEL_LAYERS", {}):
         messages.append(Error(

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+from . import metrics
 from .auth import authorize_subscribe
 from .chunks import AgentOSResponse, encode_chunk, parse_chunk
 from .conf import app_settings
@@ -216,6 +218,7 @@ class Follower:
         if self.ended:
             return
         self.ended = True
+        metrics.REFUSALS.labels(str(int(close_code))).inc()
         try:
             await self.write(ServerFrame.ERROR, frame(ServerFrame.ERROR, code=code,
                                                       message=message), None)  # fmt: skip
@@ -250,6 +253,11 @@ class Follower:
         if self.ended or self.delivery is None:
             return
         await self.deliver(await self.delivery.receive(event["seq"], event["chunk"]))
+        pushed_at = event.get("at")  # the producer's clock at push_chunk
+        if pushed_at is not None and not self.ended:
+            metrics.DELIVERY_SECONDS.labels(self.transport).observe(
+                max(0.0, time.time() - float(pushed_at))
+            )
 
     async def stream_closed(self, event: dict[str, Any]) -> None:
         if self.ended or self.delivery is None:
@@ -283,6 +291,10 @@ class Follower:
             except Exception as exc:
                 await self.send_failed(exc)
                 return
+            if kind is ServerFrame.CHUNK:
+                metrics.DELIVERED.labels(self.transport).inc()
+            elif kind is ServerFrame.GAP:
+                metrics.GAP_FRAMES.inc()
 
     async def send_failed(self, exc: BaseException, *, inline: bool = False) -> None:
         if self.worker is not None:

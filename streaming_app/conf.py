@@ -55,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "DELIVERY_TIMEOUT_SECONDS": 5.0,
     # Server-Sent Events: a comment this often keeps proxies from closing an idle response.
     "SSE_KEEPALIVE_SECONDS": 15.0,
+    # GET /streams/metrics with "Authorization: Bearer <token>" (empty: only users with the
+    # permission "Can view streaming metrics").
+    "METRICS_TOKEN": "",
 }
 
 

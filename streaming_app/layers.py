@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any, Protocol
 
 from channels.exceptions import ChannelFull
@@ -102,7 +103,7 @@ class StreamLayer:
 
     async def publish_chunk(self, stream_id: str, seq: int, chunk_json: str) -> None:
         await self._call(stream_id, "group_send", group_name(stream_id), {
-            "type": CHUNK, "seq": seq, "chunk": chunk_json,
+            "type": CHUNK, "seq": seq, "chunk": chunk_json, "at": time.time(),
         })  # fmt: skip
 
     async def publish_closed(self, stream_id: str, reason: str, last_seq: int, code: int) -> None:

@@ -26,6 +26,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from . import metrics
 from .auth import session_hash
 from .chunks import AgentOSResponse, ErrorChunk, encode_chunk
 from .clients import ChannelBridge, Follower, StreamClient
@@ -354,7 +355,8 @@ class StreamingManager:
         RESOURCE_NOT_FOUND, STREAM_CLOSED, BACKEND_UNAVAILABLE, and with ``'throw'``
         CLIENT_SEND_FAILED naming the client(s) whose send failed.
         """
-        return await self._push(stream_id, chunk, raise_failures=True)
+        with metrics.PUSH_SECONDS.time():
+            return await self._push(stream_id, chunk, raise_failures=True)
 
     async def close_stream(
         self,
@@ -620,6 +622,7 @@ class StreamingManager:
                 await self.layer.leave(probe, channel)
             await inbox.close()
             await self.history.forget(probe)
+        event.pop("at", None)  # the push time (a string from the script)
         if event != {"type": CHUNK, "seq": 1, "chunk": text}:
             logger.error("one-round-trip push disabled: the layer received %r", event)
             return False

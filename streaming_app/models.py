@@ -71,6 +71,7 @@ class Stream(models.Model):
         permissions = [
             ("close_stream", _("Can close streams")),
             ("view_stream_contents", _("Can view stream contents")),
+            ("view_metrics", _("Can view streaming metrics")),
         ]
 
     def __str__(self) -> str:

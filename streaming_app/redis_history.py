@@ -51,7 +51,9 @@ if seq % 64 == 1 then  -- refreshing the keys' lifetime now and then is enough
 end
 if ARGV[6] ~= '' then
   -- fan-out in the same round trip: the event as channels_redis's pub/sub layer sends it
-  redis.call('PUBLISH', ARGV[6], cmsgpack.pack({type = 'stream.chunk', seq = seq, chunk = ARGV[1]}))
+  -- (plus 'at', the push time, for the delivery latency metric)
+  local event = {type = 'stream.chunk', seq = seq, chunk = ARGV[1], at = ARGV[2]}
+  redis.call('PUBLISH', ARGV[6], cmsgpack.pack(event))
 end
 return {seq}
 """

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from . import metrics
 from .conf import app_settings
 from .exceptions import StreamError
 from .history import StreamState
@@ -85,7 +86,8 @@ class Sweeper:
         while True:
             await asyncio.sleep(app_settings.SWEEP_INTERVAL_SECONDS)
             try:
-                await self.sweep(background=True)
+                with metrics.SWEEP_SECONDS.time():
+                    await self.sweep(background=True)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from django.urls import path
 
 from .health import health
+from .metrics import metrics
 
 urlpatterns = [
     path("streams/health", health, name="streaming-health"),
+    path("streams/metrics", metrics, name="streaming-metrics"),
 ]

@@ -1,0 +1,182 @@
+"""Prometheus metrics of this worker, built on ``prometheus_client``.
+
+Each worker process serves its own ``GET /streams/metrics`` (scrape every worker, as
+Prometheus does with one target per process; no multiprocess mode, no shared files).
+The manager's tallies (``manager.stats``) are read at scrape time, and gauges computed then
+(active streams from the database, this worker's clients, their lag); what the transports
+count (chunks delivered, gap frames, refusals), the latencies and the sweeper's pass times
+are counted or observed where they happen (process-wide, in :data:`REGISTRY`).
+
+Guarded, never open by default: a request needs ``Authorization: Bearer <METRICS_TOKEN>``
+(when that setting is set) or a signed-in user with the permission "Can view streaming
+metrics" (``streaming_app.view_metrics``); anyone else gets 403.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from django.http import HttpRequest, HttpResponse
+from django.utils.crypto import constant_time_compare
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .conf import app_settings
+from .models import Stream
+from .protocol import CloseCode
+from .registry import database_sync_to_async
+
+if TYPE_CHECKING:
+    from .manager import StreamingManager
+
+VIEW_METRICS_PERMISSION = "streaming_app.view_metrics"
+
+# Histograms observed where things happen; one set per process.
+REGISTRY = CollectorRegistry(auto_describe=True)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)  # fmt: skip
+PUSH_SECONDS = Histogram(
+    "streaming_push_seconds", "push_chunk duration in the producer (append and publish)",
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+DELIVERY_SECONDS = Histogram(
+    "streaming_delivery_seconds", "From push_chunk to the frame written to a client",
+    ["transport"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+DELIVERED = Counter(
+    "streaming_chunks_delivered", "Chunk frames written to this worker's clients",
+    ["transport"], registry=REGISTRY,
+)  # fmt: skip
+GAP_FRAMES = Counter(
+    "streaming_gap_frames", "Gap frames sent (history no longer held the chunks)",
+    registry=REGISTRY,
+)  # fmt: skip
+REFUSALS = Counter(
+    "streaming_refusals", "Clients refused or failed with an error frame, by close code",
+    ["code"], registry=REGISTRY,
+)  # fmt: skip
+# Every label value known up front is exported from the start (0, not absent).
+TRANSPORTS = ("websocket", "sse", "python")
+for _transport in TRANSPORTS:
+    DELIVERED.labels(_transport)
+    DELIVERY_SECONDS.labels(_transport)
+for _code in CloseCode:
+    if _code >= 4400:  # the refusals and failures: error frame, then this close code
+        REFUSALS.labels(str(int(_code)))
+SWEEP_SECONDS = Histogram(
+    "streaming_sweep_seconds", "Duration of one sweeper pass of this worker",
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)  # fmt: skip
+LAG_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
+
+# manager.stats keys exported as counters: name, help.
+COUNTERS = {
+    "streams_created": "Streams created by this process",
+    "streams_refused": "Streams refused by a limit (429)",
+    "streams_closed": "Streams closed by this process",
+    "clients_registered": "Clients registered in this process",
+    "chunks_pushed": "Chunks pushed by this process",
+    "clients_nudged": "Clients nudged by the sweeper (they had fallen behind)",
+    "clients_reaped": "Clients of dead workers removed by this worker's sweeper",
+}
+
+
+class Snapshot:
+    """What is measured at scrape time: it needs awaiting, so it is taken before rendering."""
+
+    def __init__(self, active_streams: int, clients: dict[str, int], lags: list[int]) -> None:
+        self.active_streams = active_streams
+        self.clients = clients
+        self.lags = lags
+
+
+@database_sync_to_async
+def _active_streams() -> int:
+    return Stream.objects.filter(status=Stream.Status.ACTIVE).count()
+
+
+async def take_snapshot(manager: StreamingManager) -> Snapshot:
+    followers = list(manager.worker.followers.values())
+    clients = dict.fromkeys(TRANSPORTS, 0)
+    for follower in followers:
+        clients[follower.transport] = clients.get(follower.transport, 0) + 1
+    states = await manager.history.states({f.stream_id for f in followers})
+    lags = [
+        max(0, states[f.stream_id].head_seq - f.delivered_seq)
+        for f in followers
+        if f.stream_id in states
+    ]
+    return Snapshot(await _active_streams(), clients, lags)
+
+
+class ManagerCollector(Collector):
+    """The manager's tallies and a snapshot, as metric families."""
+
+    def __init__(self, manager: StreamingManager, snapshot: Snapshot) -> None:
+        self.manager = manager
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        stats, snapshot = self.manager.stats, self.snapshot
+        for key, text in COUNTERS.items():
+            yield CounterMetricFamily(f"streaming_{key}", text, value=stats[key])
+        failures = CounterMetricFamily("streaming_send_failures", "Failed sends to clients",
+                                       labels=["policy"])  # fmt: skip
+        policy = self.manager.config.on_client_send_error_behavior
+        failures.add_metric([policy], stats["send_failures"])
+        yield failures
+        yield GaugeMetricFamily("streaming_active_streams", "Active streams (all workers)",
+                                value=snapshot.active_streams)  # fmt: skip
+        clients = GaugeMetricFamily("streaming_clients", "This worker's clients",
+                                    labels=["transport"])  # fmt: skip
+        for transport, count in sorted(snapshot.clients.items()):
+            clients.add_metric([transport], count)
+        yield clients
+        buckets, total = [], 0
+        for bound in LAG_BUCKETS:
+            buckets.append((str(bound), sum(1 for lag in snapshot.lags if lag <= bound)))
+        buckets.append(("+Inf", len(snapshot.lags)))
+        total = sum(snapshot.lags)
+        yield HistogramMetricFamily(
+            "streaming_client_lag_chunks", "This worker's clients' lag (head seq - delivered)",
+            buckets=buckets, sum_value=total,
+        )  # fmt: skip
+        yield from REGISTRY.collect()
+
+
+def render(manager: StreamingManager, snapshot: Snapshot) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ManagerCollector(manager, snapshot))
+    return generate_latest(registry)
+
+
+async def allowed(request: HttpRequest) -> bool:
+    token = str(app_settings.get("METRICS_TOKEN") or "")
+    header = request.headers.get("Authorization", "")
+    if token and header.startswith("Bearer ") and constant_time_compare(header[7:], token):
+        return True
+    user = await request.auser()
+    return bool(user.is_active and await user.ahas_perm(VIEW_METRICS_PERMISSION))
+
+
+@never_cache
+@require_GET
+async def metrics(request: HttpRequest) -> HttpResponse:
+    """This worker's metrics in Prometheus' text format; 403 without the token or permission."""
+    from .manager import get_streaming_manager
+
+    if not await allowed(request):
+        return HttpResponse("Forbidden\n", status=403, content_type="text/plain")
+    manager = get_streaming_manager()
+    snapshot = await take_snapshot(manager)
+    return HttpResponse(render(manager, snapshot), content_type=CONTENT_TYPE_LATEST)
