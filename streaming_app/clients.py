@@ -208,7 +208,12 @@ class Follower:
 
     async def refuse(self, exc: GMIError) -> None:
         """Tell the peer why it cannot follow the stream, then close with the matching code."""
-        logger.info("client %s refused on stream %s: %s", self.client_id, self.stream_id, exc)
+        logger.info(
+            "client %s refused on stream %r: %s",
+            self.client_id,
+            self.stream_id,
+            exc.message.encode("unicode_escape").decode(),
+        )  # one line, whatever the id
         await self.fail(
             str(exc.code), exc.message, CLOSE_CODE_FOR_ERROR.get(exc.code, CloseCode.UNAVAILABLE)
         )

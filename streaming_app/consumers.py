@@ -29,6 +29,23 @@ logger = logging.getLogger(__name__)
 MAX_SEQ = 2**63 - 1  # sequence numbers are signed 64-bit everywhere they are stored
 
 
+def parse_seq(text: str, stream_id: str, name: str = "last_seq") -> int:
+    """One sequence number as a client sent it: ASCII digits only, 0..2**63-1.
+
+    Raises ``StreamError(INVALID_ARGUMENT)`` for anything else (signs, spaces inside,
+    escapes, ``&``...), naming ``name``.
+    """
+    digits = text.strip()
+    seq = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 19 else -1
+    if not 0 <= seq <= MAX_SEQ:
+        raise StreamError(
+            GMIErrorCode.INVALID_ARGUMENT,
+            f"{name} must be an integer from 0 to {MAX_SEQ}, not {text[:40]!r}",
+            stream_id=stream_id,
+        )
+    return seq
+
+
 def parse_last_seq(query_string: bytes | str, stream_id: str) -> int:
     """``last_seq`` from a query string, 0 when absent.
 
@@ -39,15 +56,7 @@ def parse_last_seq(query_string: bytes | str, stream_id: str) -> int:
     values = parse_qs(query_string).get("last_seq")
     if not values:
         return 0
-    text = values[-1].strip()
-    last_seq = int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else -1
-    if not 0 <= last_seq <= MAX_SEQ:
-        raise StreamError(
-            GMIErrorCode.INVALID_ARGUMENT,
-            f"last_seq must be an integer from 0 to {MAX_SEQ}, not {values[-1][:40]!r}",
-            stream_id=stream_id,
-        )
-    return last_seq
+    return parse_seq(values[-1], stream_id)
 
 
 class StreamConsumer(Follower, AsyncWebsocketConsumer):

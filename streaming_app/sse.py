@@ -17,7 +17,7 @@ from django.http.request import split_domain_port, validate_host
 
 from .clients import Follower
 from .conf import app_settings
-from .consumers import parse_last_seq
+from .consumers import parse_last_seq, parse_seq
 from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
 from .layers import Inbox
 from .manager import get_streaming_manager
@@ -83,7 +83,12 @@ class EventStream(Follower):
         if self.started:
             await super().refuse(exc)
             return
-        logger.info("client %s refused on stream %s: %s", self.client_id, self.stream_id, exc)
+        logger.info(
+            "client %s refused on stream %r: %s",
+            self.client_id,
+            self.stream_id,
+            exc.message.encode("unicode_escape").decode(),
+        )  # one line, whatever the id
         self.ended = self.started = self.finished = True
         await self._send({"type": "http.response.start", "status": int(exc.http_status),
                           "headers": [(b"content-type", b"application/json")]})  # fmt: skip
@@ -102,10 +107,12 @@ class EventStream(Follower):
         """Authorise, register, stream until the stream ends or the client goes."""
         try:
             headers = dict(self.scope.get("headers", []))
-            last_event_id = headers.get(b"last-event-id", b"").decode("latin-1").strip()
-            query = f"last_seq={last_event_id}" if last_event_id else self.scope["query_string"]
+            last_event_id = headers.get(b"last-event-id", b"").decode("latin-1")
             try:
-                last_seq = parse_last_seq(query, self.stream_id)
+                if last_event_id.strip():  # the browser's resume cursor wins over the query
+                    last_seq = parse_seq(last_event_id, self.stream_id, "Last-Event-ID")
+                else:
+                    last_seq = parse_last_seq(self.scope["query_string"], self.stream_id)
             except StreamError as exc:
                 await self.refuse(exc)
                 return
@@ -175,19 +182,21 @@ async def stream_events(scope: Scope, receive: Any, send: Any) -> None:
     await EventStream(scope, send).run(receive)
 
 
-def request_host(scope: Scope) -> str:
-    """The request's Host header (or the server's address when it sent none)."""
+def request_host(scope: Scope) -> str | None:
+    """The request's Host header, even empty (or the server's address when it sent none;
+    None when there is neither)."""
     for name, value in scope.get("headers", []):
         if name == b"host":
             return str(value.decode("latin-1"))
     server = scope.get("server")
-    return f"{server[0]}:{server[1]}" if server else ""
+    return f"{server[0]}:{server[1]}" if server else None
 
 
 def host_allowed(scope: Scope) -> bool:
-    """Django's ``ALLOWED_HOSTS`` check, for a route Django does not serve."""
+    """Django's ``ALLOWED_HOSTS`` check, for a route Django does not serve: an empty Host is
+    refused, as Django refuses it."""
     host = request_host(scope)
-    if not host:
+    if host is None:
         return True  # no Host and no server address (an in-process test): nothing to check
     domain, _port = split_domain_port(host)
     return bool(domain) and validate_host(domain, app_settings.allowed_hosts())
