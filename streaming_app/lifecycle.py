@@ -1,13 +1,19 @@
 """Worker lifecycle: start serving, and let this worker's clients go cleanly when it stops.
 
-Wrap the project's ASGI application in :class:`StreamingLifecycle`:
+Wrap the project's ASGI application in :class:`StreamingLifecycle`. Every server closes its
+open connections itself when it is told to stop (Uvicorn with 1012, Hypercorn after its
+graceful timeout, Daphne by cancelling every consumer), and sends ASGI ``lifespan.shutdown``,
+where it sends it at all, only after that. So the signal is taken over in the serving process
+when serving starts: on SIGTERM or SIGINT the worker first detaches (each client gets
+``reconnect`` and close code 4012 with its ``last_seq``, and its row goes), then the server's
+own handler runs. Serving starts at ``lifespan.startup`` (Uvicorn, Hypercorn) or, under Daphne
+(no lifespan), once Twisted's reactor runs. ``lifespan.shutdown`` detaches too (nothing to do
+if the signal did).
 
-- servers that send ASGI ``lifespan`` events (Uvicorn, Hypercorn) get the worker started on
-  ``lifespan.startup`` and detached on ``lifespan.shutdown``;
-- under Daphne (Twisted's asyncio reactor, no lifespan) SIGTERM and SIGINT are taken over as
-  soon as the reactor runs: the worker first detaches (each client gets ``reconnect`` and close
-  code 4012 with its ``last_seq``, and its row goes), then the server's own handler stops the
-  reactor. Daphne's own shutdown step cancels every consumer, so ours must come first.
+Handlers installed with ``signal.signal`` (Daphne's Twisted, Uvicorn) and with the event loop's
+``add_signal_handler`` (Hypercorn run with ``--workers 0``) are both chained. Hypercorn's
+worker processes (``--workers N``) never see the signal (their parent tells them through an
+event): run one process per worker with ``--workers 0``, as with Daphne.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class StreamingLifecycle:
                     logger.exception("streaming worker failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                if threading.current_thread() is threading.main_thread():
+                    _take_over_signals()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
@@ -112,12 +120,28 @@ def start_worker() -> None:
 
 def _take_over_signals() -> None:
     loop = asyncio.get_running_loop()
+    loop_handlers: dict[int, asyncio.Handle] = getattr(loop, "_signal_handlers", {})
     for signum in SIGNALS:
-        previous = signal.getsignal(signum)
-        if not callable(previous):
+        in_loop = loop_handlers.get(signum)
+        if in_loop is not None:  # loop.add_signal_handler: replace it there, run it after us
+            loop.remove_signal_handler(signum)
+            previous: Callable[[int, FrameType | None], Any] = _loop_callback(in_loop)
+            loop.add_signal_handler(signum, _handler(loop, previous), signum, None)
             continue
-        signal.signal(signum, _handler(loop, previous))
+        installed = signal.getsignal(signum)
+        if callable(installed):
+            signal.signal(signum, _handler(loop, installed))
     logger.debug("streaming worker: SIGTERM and SIGINT release clients first")
+
+
+def _loop_callback(handle: asyncio.Handle) -> Callable[[int, FrameType | None], Any]:
+    """The callback an event loop would run for a signal (its ``add_signal_handler``)."""
+    callback, args = handle._callback, handle._args  # type: ignore[attr-defined]
+
+    def run(signum: int, frame: FrameType | None) -> Any:
+        return callback(*args)
+
+    return run
 
 
 def _handler(

@@ -74,8 +74,24 @@ def migrated_sqlite(directory: Path) -> str:
     return f"sqlite:///{target}"
 
 
+def server_command(kind: str, app: str, port: int) -> list[str]:
+    """The command line of one worker of an ASGI server, as the README gives it."""
+    if kind == "daphne":
+        return [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
+    if kind == "uvicorn":
+        return [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port),
+                "--lifespan", "on", app]  # fmt: skip
+    if kind == "hypercorn":  # one process per worker: its signals reach the application
+        return [PYTHON, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", "--workers", "0", app]
+    raise ValueError(f"unknown ASGI server {kind!r}")
+
+
+SERVER_KINDS = ("daphne", "uvicorn", "hypercorn")
+
+
 class DaphneServer:
-    """One Daphne worker serving ``project.asgi`` on a free port of 127.0.0.1."""
+    """One worker serving ``project.asgi`` on a free port of 127.0.0.1: Daphne, or with
+    ``kind`` Uvicorn or Hypercorn."""
 
     def __init__(
         self,
@@ -84,7 +100,9 @@ class DaphneServer:
         port: int | None = None,
         log: Path | None = None,
         app: str = "project.asgi:application",
+        kind: str = "daphne",
     ):
+        self.kind = kind
         self.app = app
         self.env = dict(env)
         self.port = port or free_port()
@@ -104,21 +122,21 @@ class DaphneServer:
         self._out = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
         out = self._out if self._out is not None else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
-             self.app],
+            server_command(self.kind, self.app, self.port),
             env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"daphne exited with {self.process.returncode}: {self.log()}")
+                raise RuntimeError(f"{self.kind} exited with {self.process.returncode}: "
+                                   f"{self.log()}")  # fmt: skip
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"daphne did not listen on {self.port} within {timeout} s")
+        raise RuntimeError(f"{self.kind} did not listen on {self.port} within {timeout} s")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

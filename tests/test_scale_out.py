@@ -21,6 +21,7 @@ import websockets
 from streaming_app.protocol import CloseCode
 
 from .servers import (
+    SERVER_KINDS,
     SETTINGS,
     DaphneServer,
     RedisServer,
@@ -36,8 +37,13 @@ from .servers import (
 
 
 @pytest.fixture
-def workers(env: dict[str, str], tmp_path: Path) -> Iterator[list[DaphneServer]]:
-    servers = [DaphneServer(env, log=tmp_path / f"daphne-{i}.log").start() for i in range(2)]
+def workers(
+    env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[list[DaphneServer]]:
+    """Two workers of one ASGI server (Daphne unless the test is parametrized)."""
+    kind = getattr(request, "param", "daphne")
+    servers = [DaphneServer(env, log=tmp_path / f"{kind}-{i}.log", kind=kind).start()
+               for i in range(2)]  # fmt: skip
     yield servers
     for server in servers:
         server.stop()
@@ -70,6 +76,7 @@ def chunk_seqs(frames: list[dict[str, Any]]) -> list[int]:
     return [f["seq"] for f in frames if f["type"] == "chunk"]
 
 
+@pytest.mark.parametrize("workers", SERVER_KINDS, indirect=True)
 async def test_every_operation_crosses_processes(
     env: dict[str, str], workers: list[DaphneServer]
 ) -> None:
