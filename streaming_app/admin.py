@@ -3,6 +3,7 @@ so every connected client (in every process) sees the reason."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,7 @@ from django.utils.translation import ngettext
 from .auth import CLOSE_PERMISSION, VIEW_CONTENTS_PERMISSION
 from .exceptions import GMIError
 from .manager import StreamActivity, get_streaming_manager
-from .models import Stream, StreamClient
+from .models import Stream, StreamClient, StreamTranscript
 
 if TYPE_CHECKING:
     _ClientInline = admin.TabularInline[StreamClient, Stream]
@@ -38,7 +39,7 @@ else:
     _StreamAdmin = admin.ModelAdmin
 
 RECENT_CHUNKS = 20
-CONTENT_FIELDS = ("metadata", "recent_chunks")
+CONTENT_FIELDS = ("metadata", "reply", "recent_chunks")
 
 
 class CloseForm(forms.Form):
@@ -124,7 +125,8 @@ class StreamAdmin(_StreamAdmin):
     search_fields = ("id", "owner__username", "metadata")
     readonly_fields = ("id", "status", "owner", "anonymous", "gmi_instance_id", "persona_id",
                        "metadata", "inactivity_timeout_ms", "created_at", "last_activity",
-                       "closed_at", "close_reason", "chunks_pushed", "recent_chunks")  # fmt: skip
+                       "closed_at", "close_reason", "chunks_pushed", "reply",
+                       "recent_chunks")  # fmt: skip
     exclude = ("chunk_count", "last_activity_at")  # shown live (chunks_pushed, last_activity)
     inlines = [StreamClientInline]
     actions = ["close_streams"]
@@ -183,6 +185,36 @@ class StreamAdmin(_StreamAdmin):
         if stream is not None:
             with_activity([stream])
         return stream
+
+    @admin.display(description=_("transcript"))
+    def reply(self, stream: Stream) -> str:
+        """The reply as its reader saw it (saved at close): the text, then the tool calls."""
+        saved = StreamTranscript.objects.filter(stream=stream).first()
+        if saved is None:
+            return str(_("Saved when the stream closes."))
+        notes: list[str] = []
+        if saved.history_lost:
+            notes.append(str(_("The history was lost before the close: nothing to assemble.")))
+        elif not saved.complete:
+            notes.append(_("Assembled from seq %(first)d: the history no longer held the "
+                           "chunks before it.") % {"first": saved.first_seq})  # fmt: skip
+        calls = saved.data.get("tool_calls") or []
+        rows = format_html_join(
+            "", "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{}</td></tr>",
+            ((c.get("name"), json.dumps(c.get("arguments"))[:300],
+              json.dumps(c.get("result"))[:300],
+              _("failed: %s") % c.get("error_message") if c.get("is_success") is False
+              else "") for c in calls),
+        )  # fmt: skip
+        table = format_html(
+            "<table><thead><tr><th>{}</th><th>{}</th><th>{}</th><th></th></tr></thead>"
+            "<tbody>{}</tbody></table>", _("tool"), _("arguments"), _("result"), rows,
+        ) if calls else ""  # fmt: skip
+        return format_html(
+            '{}<div style="white-space:pre-wrap;max-width:60em">{}</div>{}',
+            format_html_join("", "<p><em>{}</em></p>", ((n,) for n in notes)), saved.text,
+            table,
+        )  # fmt: skip
 
     @admin.display(description=_("last chunks (from history)"))
     def recent_chunks(self, stream: Stream) -> str:

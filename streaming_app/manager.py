@@ -32,12 +32,13 @@ from .chunks import AgentOSResponse, ErrorChunk, encode_chunk
 from .clients import ChannelBridge, Follower, StreamClient
 from .conf import StreamingManagerConfig, app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError, backend_error, is_backend_error
-from .history import AppendResult, History
+from .history import AppendResult, Closed, History
 from .layers import CHUNK, Inbox, StreamLayer
 from .models import STREAM_ID_PATTERN
 from .protocol import CloseCode
 from .registry import NewClient, NewStream, Registry, StreamLimits
 from .sweeper import Sweeper, SweepReport
+from .transcripts import Transcript, assemble
 from .watches import Watches
 from .worker import HISTORY_LOST_REASON, SHUTDOWN_REASON, Worker
 
@@ -381,8 +382,9 @@ class StreamingManager:
             raise self._backend_error(stream_id, "history", exc) from exc
         if closed is not None:
             reason = closed.reason  # a close that is being finished keeps its first reason
+        transcript = await self._transcript(stream_id, closed)
         try:
-            released = await self.registry.close_stream(stream_id, reason)
+            released = await self.registry.close_stream(stream_id, reason, transcript)
         except StreamError:
             raise
         except Exception as exc:
@@ -406,6 +408,19 @@ class StreamingManager:
             except Exception:
                 logger.exception("stream %s: activity not recorded at close", stream_id)
         self.sweeper.forget(stream_id)
+
+    async def _transcript(self, stream_id: str, closed: Closed | None) -> Transcript:
+        """The closing stream's transcript, assembled from what the history holds."""
+        if closed is None:  # the history lost it (a Redis restart): say so
+            return Transcript(complete=False, history_lost=True)
+        try:
+            replay = await self.history.read_after(stream_id, 0)
+        except Exception as exc:
+            raise self._backend_error(stream_id, "history", exc) from exc
+        transcript = assemble(replay.entries)
+        if transcript.last_seq < closed.head_seq:  # the newest chunks are not held
+            transcript.complete = False
+        return transcript
 
     async def handle_stream_error(
         self, stream_id: str, error: BaseException, terminate_stream: bool = True

@@ -158,3 +158,33 @@ class ClusterLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.holder})"
+
+
+class StreamTranscript(models.Model):
+    """What a closed stream said, assembled from its chunks (``transcripts.reduce``) and saved
+    with the close, once."""
+
+    stream = models.OneToOneField(
+        Stream, verbose_name=_("stream"), primary_key=True, on_delete=models.CASCADE,
+        related_name="transcript",
+    )  # fmt: skip
+    text = models.TextField(_("text"), blank=True)
+    data = models.JSONField(
+        _("data"), default=dict, blank=True,
+        help_text=_("Tool calls, UI commands, progress, errors, metadata, usage."),
+    )  # fmt: skip
+    close_reason = models.TextField(_("close reason"), blank=True)
+    first_seq = models.PositiveBigIntegerField(_("first seq"), default=0)
+    last_seq = models.PositiveBigIntegerField(_("last seq"), default=0)
+    complete = models.BooleanField(
+        _("complete"), default=True, help_text=_("Every chunk from seq 1 was assembled.")
+    )
+    history_lost = models.BooleanField(_("history lost"), default=False)
+    created_at = models.DateTimeField(_("saved"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("transcript")
+        verbose_name_plural = _("transcripts")
+
+    def __str__(self) -> str:
+        return f"transcript of {self.stream_id}"

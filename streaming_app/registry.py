@@ -20,7 +20,8 @@ from django.utils import timezone
 
 from .exceptions import GMIErrorCode, StreamError
 from .history import StreamState
-from .models import ClusterLease, Stream, StreamClient, StreamWorker
+from .models import ClusterLease, Stream, StreamClient, StreamTranscript, StreamWorker
+from .transcripts import Transcript
 
 if TYPE_CHECKING:  # channels is untyped; its wrapper has asgiref's signature
     from asgiref.sync import sync_to_async as database_sync_to_async
@@ -261,8 +262,11 @@ class Registry:
         return Stream.objects.filter(pk=stream_id).exists()
 
     @database_sync_to_async
-    def close_stream(self, stream_id: str, reason: str) -> list[ClientRef] | None:
-        """Mark the stream closed and drop its clients; None if it was closed already."""
+    def close_stream(
+        self, stream_id: str, reason: str, transcript: Transcript | None = None
+    ) -> list[ClientRef] | None:
+        """Mark the stream closed, save its transcript with it, drop its clients; None if it
+        was closed already (its transcript was saved then)."""
         with transaction.atomic():
             updated = Stream.objects.filter(pk=stream_id, status=Stream.Status.ACTIVE).update(
                 status=Stream.Status.CLOSED, closed_at=timezone.now(), close_reason=reason
@@ -271,6 +275,13 @@ class Registry:
                 if not Stream.objects.filter(pk=stream_id).exists():
                     raise _not_found(stream_id)
                 return None
+            if transcript is not None:
+                data = transcript.to_dict()
+                columns = ("text", "first_seq", "last_seq", "complete", "history_lost")
+                fields = {key: data.pop(key) for key in columns}
+                StreamTranscript.objects.update_or_create(
+                    stream_id=stream_id, defaults={**fields, "data": data, "close_reason": reason}
+                )
             rows = StreamClient.objects.filter(stream_id=stream_id)
             refs = [
                 ClientRef(stream_id, c.client_id, c.channel_name, c.worker_id)
