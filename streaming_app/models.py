@@ -105,6 +105,7 @@ class StreamClient(models.Model):
     class Transport(models.TextChoices):
         WEBSOCKET = "websocket", _("WebSocket")
         SSE = "sse", _("Server-Sent Events")
+        AG_UI = "ag-ui", _("AG-UI (Server-Sent Events)")
         PYTHON = "python", _("Python object")
 
     stream = models.ForeignKey(

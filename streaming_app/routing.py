@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.urls import path, re_path
 
+from .agui import ag_ui_events
 from .consumers import NoSuchPath, StreamConsumer
 from .sse import stream_events
 
@@ -16,4 +17,5 @@ websocket_urlpatterns = [
 sse_urlpatterns = [
     # Channels routes ASGI apps with Django's path(); django-stubs expects views there.
     path("streams/<str:stream_id>/events", stream_events, name="streaming-sse"),  # type: ignore[arg-type]
+    path("streams/<str:stream_id>/ag-ui", ag_ui_events, name="streaming-ag-ui"),  # type: ignore[arg-type]
 ]

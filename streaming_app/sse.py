@@ -43,6 +43,10 @@ class EventStream(Follower):
     """
 
     transport = "sse"
+    response_headers: tuple[tuple[bytes, bytes], ...] = (
+        (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+    )  # fmt: skip
 
     def __init__(self, scope: Scope, send: Any) -> None:
         self.scope = scope
@@ -63,10 +67,8 @@ class EventStream(Follower):
             raise ConnectionError("the response is complete")
         if not self.started:
             self.started = True
-            await self._send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no"),
-            ]})  # fmt: skip
+            await self._send({"type": "http.response.start", "status": 200,
+                              "headers": list(self.response_headers)})  # fmt: skip
         await self._send({"type": "http.response.body", "body": body, "more_body": True})
 
     async def close_transport(self, code: int) -> None:
@@ -160,13 +162,22 @@ class EventStream(Follower):
 
 async def stream_events(scope: Scope, receive: Any, send: Any) -> None:
     """The ASGI app of the SSE endpoint (route it with ``sse_urlpatterns``)."""
-    if scope["method"] not in ("GET", "HEAD"):
+    await serve(EventStream, ("GET", "HEAD"), scope, receive, send)
+
+
+async def serve(
+    stream_class: type[EventStream], methods: tuple[str, ...], scope: Scope, receive: Any,
+    send: Any,
+) -> None:  # fmt: skip
+    """Serve one event-stream response of ``stream_class`` (this module's frames, or another
+    protocol's events over the same Follower)."""
+    if scope["method"] not in methods:
         await send({"type": "http.response.start", "status": 405,
-                    "headers": [(b"allow", b"GET")]})  # fmt: skip
+                    "headers": [(b"allow", ", ".join(methods).encode())]})  # fmt: skip
         await send({"type": "http.response.body", "body": b""})
         return
-    while True:  # a GET has no body to speak of; read it so receive() next says "disconnect"
-        message = await receive()
+    while True:  # read the request body (a POST's input is not used) so receive() next says
+        message = await receive()  # "disconnect" when the client goes
         if message["type"] != "http.request" or not message.get("more_body"):
             break
     if message["type"] == "http.disconnect":
@@ -179,7 +190,7 @@ async def stream_events(scope: Scope, receive: Any, send: Any) -> None:
                     "headers": [(b"content-type", b"application/json")]})  # fmt: skip
         await send({"type": "http.response.body", "body": json.dumps(error.to_dict()).encode()})
         return
-    await EventStream(scope, send).run(receive)
+    await stream_class(scope, send).run(receive)
 
 
 def request_host(scope: Scope) -> str | None:
