@@ -66,7 +66,7 @@ REFUSALS = Counter(
     ["code"], registry=REGISTRY,
 )  # fmt: skip
 # Every label value known up front is exported from the start (0, not absent).
-TRANSPORTS = ("websocket", "sse", "ag-ui", "python")
+TRANSPORTS = ("websocket", "sse", "ag-ui", "ai-sdk", "python")
 for _transport in TRANSPORTS:
     DELIVERED.labels(_transport)
     DELIVERY_SECONDS.labels(_transport)

@@ -106,6 +106,7 @@ class StreamClient(models.Model):
         WEBSOCKET = "websocket", _("WebSocket")
         SSE = "sse", _("Server-Sent Events")
         AG_UI = "ag-ui", _("AG-UI (Server-Sent Events)")
+        AI_SDK = "ai-sdk", _("AI SDK UI message stream")
         PYTHON = "python", _("Python object")
 
     stream = models.ForeignKey(
