@@ -1,0 +1,167 @@
+"""Any agent SDK's stream becomes chunks: adapters beside :func:`~streaming_app.agents.run_agent`.
+
+Each ``*_chunks(stream_id, stream)`` turns one SDK's async stream into ``AgentOSResponse``
+chunks (text deltas as they come, tool calls once their arguments are whole, the final text and
+usage last); each ``stream_*`` pushes them with ``run_agent``, so a client's Stop stops the
+model at once (``wait_closed``) and an exception becomes ``handle_stream_error``. The SDKs are
+duck-typed (no import here): install the one you use (``openai``, ``anthropic``).
+
+- OpenAI Chat Completions (``client.chat.completions.create(..., stream=True,
+  stream_options={"include_usage": True})``): ``delta.content`` -> ``text_delta``;
+  ``delta.tool_calls`` assembled per ``index`` (id and name from the first delta, arguments
+  concatenated) -> one ``tool_call_request`` when the choice finishes; ``usage`` ->
+  ``final_response.usage``.
+- OpenAI Responses (``client.responses.create(..., stream=True)``): ``response.output_text.delta``
+  -> ``text_delta``; ``response.output_item.done`` of a ``function_call`` ->
+  ``tool_call_request``; ``response.completed`` -> ``usage``.
+- Anthropic Messages (``client.messages.create(..., stream=True)``): ``text_delta`` ->
+  ``text_delta``; a ``tool_use`` block's ``input_json_delta`` pieces -> one
+  ``tool_call_request`` at its ``content_block_stop``; usage from ``message_start`` and
+  ``message_delta``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+from .agents import run_agent
+from .chunks import AgentOSResponse, FinalResponseChunk, TextDeltaChunk, ToolCallRequestChunk
+from .manager import StreamingManager
+
+
+def _arguments(text: str) -> Any:
+    """Tool-call arguments as the model wrote them: JSON when it parses, else the text."""
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return text
+
+
+def _dump(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    dump = getattr(value, "model_dump", None)
+    return dict(dump(exclude_none=True)) if dump else dict(value)
+
+
+async def openai_chat_chunks(
+    stream_id: str, stream: AsyncIterable[Any]
+) -> AsyncIterator[AgentOSResponse]:
+    """Chunks of an OpenAI Chat Completions stream (the first choice)."""
+    text: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    usage: dict[str, Any] | None = None
+
+    def requested() -> list[AgentOSResponse]:
+        if not calls:
+            return []
+        tool_calls = [{"id": c["id"], "name": c["name"], "arguments": _arguments(c["arguments"])}
+                      for _, c in sorted(calls.items())]  # fmt: skip
+        calls.clear()
+        return [ToolCallRequestChunk(stream_id=stream_id, tool_calls=tool_calls)]
+
+    async for event in stream:
+        if getattr(event, "usage", None) is not None:
+            usage = _dump(event.usage)
+        for choice in getattr(event, "choices", None) or []:
+            if choice.index != 0:
+                continue
+            delta = choice.delta
+            if delta is not None and delta.content:
+                text.append(delta.content)
+                yield TextDeltaChunk(stream_id=stream_id, text_delta=delta.content)
+            for piece in (delta.tool_calls if delta is not None else None) or []:
+                call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+                if piece.id:
+                    call["id"] = piece.id
+                if piece.function is not None:
+                    call["name"] += piece.function.name or ""
+                    call["arguments"] += piece.function.arguments or ""
+            if choice.finish_reason is not None:
+                for chunk in requested():
+                    yield chunk
+    for chunk in requested():
+        yield chunk
+    yield FinalResponseChunk(stream_id=stream_id, final_response_text="".join(text), usage=usage)
+
+
+async def openai_responses_chunks(
+    stream_id: str, stream: AsyncIterable[Any]
+) -> AsyncIterator[AgentOSResponse]:
+    """Chunks of an OpenAI Responses API stream."""
+    text: list[str] = []
+    usage: dict[str, Any] | None = None
+    async for event in stream:
+        kind = getattr(event, "type", "")
+        if kind == "response.output_text.delta" and event.delta:
+            text.append(event.delta)
+            yield TextDeltaChunk(stream_id=stream_id, text_delta=event.delta)
+        elif kind == "response.output_item.done" and event.item.type == "function_call":
+            item = event.item
+            yield ToolCallRequestChunk(stream_id=stream_id, tool_calls=[{
+                "id": item.call_id, "name": item.name, "arguments": _arguments(item.arguments),
+            }])  # fmt: skip
+        elif kind == "response.completed":
+            usage = _dump(getattr(event.response, "usage", None))
+    yield FinalResponseChunk(stream_id=stream_id, final_response_text="".join(text), usage=usage)
+
+
+async def anthropic_chunks(
+    stream_id: str, stream: AsyncIterable[Any]
+) -> AsyncIterator[AgentOSResponse]:
+    """Chunks of an Anthropic Messages stream."""
+    text: list[str] = []
+    blocks: dict[int, dict[str, Any]] = {}
+    usage: dict[str, Any] = {}
+    async for event in stream:
+        kind = getattr(event, "type", "")
+        if kind == "message_start":
+            usage.update(_dump(event.message.usage) or {})
+        elif kind == "content_block_start" and event.content_block.type == "tool_use":
+            block = event.content_block
+            blocks[event.index] = {"id": block.id, "name": block.name, "json": ""}
+        elif kind == "content_block_delta":
+            delta = event.delta
+            if delta.type == "text_delta" and delta.text:
+                text.append(delta.text)
+                yield TextDeltaChunk(stream_id=stream_id, text_delta=delta.text)
+            elif delta.type == "input_json_delta" and event.index in blocks:
+                blocks[event.index]["json"] += delta.partial_json
+        elif kind == "content_block_stop" and event.index in blocks:
+            block = blocks.pop(event.index)
+            yield ToolCallRequestChunk(stream_id=stream_id, tool_calls=[{
+                "id": block["id"], "name": block["name"], "arguments": _arguments(block["json"]),
+            }])  # fmt: skip
+        elif kind == "message_delta" and getattr(event, "usage", None) is not None:
+            usage.update(_dump(event.usage) or {})
+    yield FinalResponseChunk(stream_id=stream_id, final_response_text="".join(text),
+                             usage=usage or None)  # fmt: skip
+
+
+async def stream_openai_chat(
+    stream_id: str, stream: AsyncIterable[Any], *, manager: StreamingManager | None = None,
+    close: bool = True,
+) -> bool:  # fmt: skip
+    """Push an OpenAI Chat Completions stream into a stream (see :func:`run_agent`)."""
+    return await run_agent(stream_id, openai_chat_chunks(stream_id, stream), manager=manager,
+                           close=close)  # fmt: skip
+
+
+async def stream_openai_responses(
+    stream_id: str, stream: AsyncIterable[Any], *, manager: StreamingManager | None = None,
+    close: bool = True,
+) -> bool:  # fmt: skip
+    """Push an OpenAI Responses stream into a stream (see :func:`run_agent`)."""
+    return await run_agent(stream_id, openai_responses_chunks(stream_id, stream),
+                           manager=manager, close=close)  # fmt: skip
+
+
+async def stream_anthropic(
+    stream_id: str, stream: AsyncIterable[Any], *, manager: StreamingManager | None = None,
+    close: bool = True,
+) -> bool:  # fmt: skip
+    """Push an Anthropic Messages stream into a stream (see :func:`run_agent`)."""
+    return await run_agent(stream_id, anthropic_chunks(stream_id, stream), manager=manager,
+                           close=close)  # fmt: skip
