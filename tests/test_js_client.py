@@ -1,4 +1,8 @@
-"""The JavaScript client's reconnection policy, in Debian's headless Chromium."""
+"""The JavaScript client's reconnection policy, in Debian's headless Chromium.
+
+The back-off tests run the client on a blank page whose ``WebSocket`` and ``setTimeout`` are
+stand-ins (``HARNESS``): each test drives the sockets' events and reads the delays asked for.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,35 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from .servers import DaphneServer, base_env, manage, migrated_sqlite
+from .servers import ROOT, DaphneServer, base_env, manage, migrated_sqlite
 from .test_browser import ARGS, CHROMIUM
 
 pytestmark = pytest.mark.browser
+
+CLIENT_JS = ROOT / "streaming_app" / "static" / "streaming_app" / "streaming-client.js"
+
+# Stand-ins for the page's WebSocket and setTimeout: sockets are kept to be driven by hand,
+# timers are recorded (window.delays) and run by runTimers(). seeded(n): a small PRNG
+# (mulberry32), so a test can give each client its own reproducible random source.
+HARNESS = """
+window.sockets = []; window.delays = []; window.timers = [];
+window.WebSocket = function (url) { this.url = url; this.readyState = 0; sockets.push(this); };
+window.WebSocket.OPEN = 1;
+window.WebSocket.prototype.close = function () { this.readyState = 3; };
+window.setTimeout = function (fn, ms) { delays.push(ms); timers.push(fn); return timers.length; };
+window.clearTimeout = function () {};
+window.runTimers = function () {
+  var due = timers; window.timers = []; due.forEach(function (f) { f(); });
+};
+window.seeded = function (seed) {
+  return function () {
+    seed = (seed + 0x6D2B79F5) | 0;
+    var t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+};
+"""
 
 GHOST = """
 from datetime import timedelta
@@ -74,3 +103,86 @@ def test_a_resuming_client_retries_a_stream_full_of_a_dead_workers_clients(
     seen = tab.evaluate("window.seen")
     assert seen == list(range(2, seen[-1] + 1))  # resumed after seq 1, nothing twice
     assert tab.evaluate("window.closedCode") == 4000
+
+
+@pytest.fixture(scope="module")
+def harness() -> Iterator[Page]:
+    """A blank page with the client loaded over the stand-ins (no server)."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        yield page
+        browser.close()
+
+
+@pytest.fixture
+def blank(harness: Page) -> Page:
+    harness.goto("about:blank")
+    harness.add_script_tag(content=HARNESS)
+    harness.add_script_tag(content=CLIENT_JS.read_text())
+    return harness
+
+
+# Each client fails to connect (1006) seven times in a row; the delays it asked for.
+FAILING = """({randoms, base, cap}) => randoms.map((r) => {
+  window.delays = [];
+  const options = {minBackoffMs: base, maxBackoffMs: cap};
+  if (r !== null) options.random = () => r;
+  const client = new StreamingClient("s", options);
+  client.connect();
+  for (let i = 0; i < 7; i++) {
+    sockets[sockets.length - 1].onclose({code: 1006});
+    runTimers();
+  }
+  client.close();
+  return window.delays;
+})"""
+
+
+def test_back_off_is_full_jitter_over_the_exponential_ceiling(blank: Page) -> None:
+    randoms = [0.0, 0.25, 0.5, 0.999999]
+    delays = blank.evaluate(FAILING, {"randoms": randoms, "base": 100, "cap": 1000})
+    ceilings = [100, 200, 400, 800, 1000, 1000, 1000]  # min(cap, base * 2**attempt)
+    for r, got in zip(randoms, delays, strict=True):
+        assert got == [int(r * c) for c in ceilings]  # random_between(0, ceiling)
+        assert all(0 <= d <= 1000 for d in got)
+    assert len({tuple(d) for d in delays}) == len(randoms)  # different randoms, different waits
+
+
+def test_back_off_draws_from_math_random_by_default(blank: Page) -> None:
+    delays = blank.evaluate(FAILING, {"randoms": [None] * 20, "base": 1000, "cap": 8000})
+    ceilings = [1000, 2000, 4000, 8000, 8000, 8000, 8000]
+    for got in delays:
+        assert all(0 <= d < c for d, c in zip(got, ceilings, strict=True))
+    assert len({d[0] for d in delays}) > 1  # not in lockstep
+
+
+def test_clients_sent_off_by_a_restart_come_back_at_different_times(blank: Page) -> None:
+    """4012 with ``reconnect``: every client resumes from its cursor, each after its own wait
+    within [0, minBackoffMs), instead of all of them after exactly minBackoffMs."""
+    result = blank.evaluate(
+        """(count) => {
+          const out = [];
+          for (let i = 0; i < count; i++) {
+            window.delays = [];
+            const client = new StreamingClient("s", {random: seeded(i + 1)});
+            client.connect();
+            const socket = sockets[sockets.length - 1];
+            socket.onopen();
+            const send = (frame) => socket.onmessage({data: JSON.stringify(frame)});
+            send({type: "subscribed", stream_id: "s", client_id: "c" + i, seq: 0});
+            send({type: "chunk", seq: 1, chunk: {}});
+            send({type: "reconnect", reason: "Server shutting down", last_seq: 7});
+            socket.onclose({code: 4012});
+            runTimers();
+            out.push({delays: window.delays, url: sockets[sockets.length - 1].url});
+            client.close();
+          }
+          return out;
+        }""",
+        20,
+    )
+    delays = [r["delays"] for r in result]
+    assert all(len(d) == 1 and 0 <= d[0] < 250 for d in delays)  # the default minBackoffMs
+    assert len({d[0] for d in delays}) >= 10  # spread out, not a storm at +250 ms
+    assert all(r["url"].endswith("/ws/streams/s/?last_seq=7") for r in result)

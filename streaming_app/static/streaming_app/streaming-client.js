@@ -7,8 +7,10 @@
  *   });
  *   client.connect();  client.cancel();  client.close();
  *
- * It reconnects with exponential back-off after a dropped connection or a server restart and
- * resumes with ?last_seq=, so every chunk reaches onChunk exactly once, in order.
+ * It reconnects with exponential back-off and full jitter after a dropped connection or a
+ * server restart and resumes with ?last_seq=, so every chunk reaches onChunk exactly once, in
+ * order. Options: lastSeq, minBackoffMs (250), maxBackoffMs (10000), fullRetryMs (60000),
+ * random (a function returning [0, 1), default Math.random: the jitter's source).
  */
 (function (global) {
   "use strict";
@@ -32,6 +34,7 @@
     this.basePath = options.basePath || "/ws/streams/";
     this.minBackoffMs = options.minBackoffMs || 250;
     this.maxBackoffMs = options.maxBackoffMs || 10000;
+    this.random = options.random || Math.random;
     this.handlers = options;
     this.socket = null;
     this.finished = false;
@@ -84,9 +87,16 @@
     };
   };
 
+  /* Full jitter: a delay drawn uniformly from [0, min(max, min * 2^attempts)), so the clients
+   * a restarting worker (4012) sends off all at once do not come back all at once. */
+  StreamingClient.prototype.backoff = function () {
+    var ceiling = Math.min(this.maxBackoffMs, this.minBackoffMs * Math.pow(2, this.attempts));
+    return Math.floor(this.random() * ceiling);
+  };
+
   StreamingClient.prototype.retry = function () {
     var self = this;
-    var delay = Math.min(self.maxBackoffMs, self.minBackoffMs * Math.pow(2, self.attempts));
+    var delay = self.backoff();
     self.attempts += 1;
     self.emit("onStatus", "waiting");
     self.timer = global.setTimeout(function () { self.connect(); }, delay);
