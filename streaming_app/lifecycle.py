@@ -19,6 +19,7 @@ event): run one process per worker with ``--workers 0``, as with Daphne.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import signal
 import sys
@@ -168,6 +169,9 @@ def _handler(
         task.add_done_callback(done)
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(start, signum)
+        # A fresh context: the signal interrupts whatever task is running, and one waiting in
+        # sync_to_async (a heartbeat) would pass on asgiref's "single thread executor in use"
+        # flag, failing the detach's database call ("would deadlock").
+        loop.call_soon_threadsafe(start, signum, context=contextvars.Context())
 
     return handler
