@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -26,6 +26,8 @@ from .history import AppendResult, Closed, Replay, StreamState
 # Keys of open streams outlive idle periods by this much at least (their inactivity timeout
 # closes them long before); closed streams keep their history for HISTORY_MAX_AGE_SECONDS.
 OPEN_TTL_SECONDS = 24 * 3600
+# How long a command waits for a free pooled connection before it fails (BACKEND_UNAVAILABLE).
+POOL_TIMEOUT_SECONDS = 20
 
 APPEND = """
 local meta, log, fail = KEYS[1], KEYS[2], KEYS[3]
@@ -122,11 +124,14 @@ class RedisHistory:
             # A server with an idle timeout closes pooled connections: ping one that was idle
             # before using it, and reconnect once when the server closed it. (A command is
             # retried only after a connection error: a server that closed the connection did
-            # not run it.)
-            client = Redis.from_url(
-                self.url, max_connections=self.max_connections, health_check_interval=10,
-                retry=Retry(NoBackoff(), 1),
+            # not run it.) A burst beyond max_connections waits for a connection (up to
+            # POOL_TIMEOUT_SECONDS) instead of failing at once with "Too many connections": a
+            # stream's close has each of its clients in this process read history at once.
+            pool = BlockingConnectionPool.from_url(
+                self.url, max_connections=self.max_connections, timeout=POOL_TIMEOUT_SECONDS,
+                health_check_interval=10, retry=Retry(NoBackoff(), 1),
             )  # fmt: skip
+            client = Redis.from_pool(pool)
             entry = (client, client.register_script(APPEND), client.register_script(CLOSE))
             self._clients[loop] = entry
             self._close_with(loop)
