@@ -74,8 +74,11 @@ def migrated_sqlite(directory: Path) -> str:
     return f"sqlite:///{target}"
 
 
-def server_command(kind: str, app: str, port: int) -> list[str]:
+def server_command(kind: str, app: str, port: int, backlog: int | None = None) -> list[str]:
     """The command line of one worker of an ASGI server, as the README gives it."""
+    if kind == "daphne" and backlog is not None:
+        return [PYTHON, "-m", "daphne", "-e",
+                f"tcp:port={port}:interface=127.0.0.1:backlog={backlog}", app]  # fmt: skip
     if kind == "daphne":
         return [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), app]
     if kind == "uvicorn":
@@ -91,7 +94,8 @@ SERVER_KINDS = ("daphne", "uvicorn", "hypercorn")
 
 class DaphneServer:
     """One worker serving ``project.asgi`` on a free port of 127.0.0.1: Daphne, or with
-    ``kind`` Uvicorn or Hypercorn."""
+    ``kind`` Uvicorn or Hypercorn; with ``backlog``, Daphne listening as the README runs it
+    (``-e tcp:...:backlog=N``)."""
 
     def __init__(
         self,
@@ -101,9 +105,11 @@ class DaphneServer:
         log: Path | None = None,
         app: str = "project.asgi:application",
         kind: str = "daphne",
+        backlog: int | None = None,
     ):
         self.kind = kind
         self.app = app
+        self.backlog = backlog
         self.env = dict(env)
         self.port = port or free_port()
         self.log_path = log
@@ -122,7 +128,7 @@ class DaphneServer:
         self._out = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
         out = self._out if self._out is not None else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            server_command(self.kind, self.app, self.port),
+            server_command(self.kind, self.app, self.port, self.backlog),
             env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
