@@ -31,6 +31,7 @@ POSITIVE_NUMBERS = {
     "MAX_STREAMS_PER_OWNER": "streaming_app.E021",
     "MAX_STREAMS_PER_SESSION": "streaming_app.E022",
     "MAX_NEW_STREAMS_PER_MINUTE": "streaming_app.E023",
+    "REDIS_MAX_CONNECTIONS": "streaming_app.E025",
 }
 DOTTED_PATHS = {
     "HISTORY_BACKEND": "streaming_app.E013",

@@ -39,8 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "HISTORY_BACKEND": "streaming_app.history.MemoryHistory",
     "HISTORY_MAX_CHUNKS": 5000,
     "HISTORY_MAX_AGE_SECONDS": 3600,
-    # Redis for RedisHistory (empty: not used).
+    # Redis for RedisHistory (empty: not used), and its connection pool per process: a push
+    # beyond this many at once waits for a connection (up to 20 s) instead of failing.
     "REDIS_URL": "",
+    "REDIS_MAX_CONNECTIONS": 200,
     # Who may subscribe: a callable ``(user, session_key, stream) -> bool`` by dotted path.
     "CAN_SUBSCRIBE": "streaming_app.auth.default_can_subscribe",
     # Who may cancel a stream from a client frame: same signature.
@@ -163,6 +165,10 @@ class AppSettings:
     @property
     def REDIS_URL(self) -> str:
         return str(self.get("REDIS_URL"))
+
+    @property
+    def REDIS_MAX_CONNECTIONS(self) -> int:
+        return int(self.get("REDIS_MAX_CONNECTIONS"))
 
     @property
     def AGENT(self) -> str:

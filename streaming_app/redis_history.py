@@ -103,6 +103,7 @@ class RedisHistory:
             app_settings.REDIS_URL,
             max_chunks=app_settings.HISTORY_MAX_CHUNKS,
             max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
+            max_connections=app_settings.REDIS_MAX_CONNECTIONS,
         )
 
     def publish_prefix(self, layer_target: tuple[str, str] | None) -> str:
