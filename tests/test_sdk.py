@@ -1,5 +1,6 @@
-"""The SDK adapters, with the real ``openai`` and ``anthropic`` packages pointed at a local
-server that replays each provider's documented streaming wire format (no network): the exact
+"""The SDK adapters with the real packages and no network: ``openai`` and ``anthropic`` pointed
+at a local server that replays each provider's documented streaming wire format, pydantic-ai
+with its own ``FunctionModel``, LangChain with its own fake chat model. Each asserts the exact
 chunks pushed, tool calls split across many deltas included."""
 
 from __future__ import annotations
@@ -12,9 +13,20 @@ from typing import Any
 
 import pytest
 
-from streaming_app.chunks import FinalResponseChunk, TextDeltaChunk, ToolCallRequestChunk
+from streaming_app.chunks import (
+    FinalResponseChunk,
+    TextDeltaChunk,
+    ToolCallRequestChunk,
+    ToolResultEmissionChunk,
+)
 from streaming_app.manager import StreamingManager
-from streaming_app.sdk import stream_anthropic, stream_openai_chat, stream_openai_responses
+from streaming_app.sdk import (
+    stream_anthropic,
+    stream_langchain,
+    stream_openai_chat,
+    stream_openai_responses,
+    stream_pydantic_ai,
+)
 
 from .conftest import RecordingClient
 
@@ -154,7 +166,9 @@ async def pushed(run: Any) -> list[dict[str, Any]]:
     assert await run(sid, manager)
     await manager.shutdown()
     keep = {TextDeltaChunk: ("text_delta",), ToolCallRequestChunk: ("tool_calls",),
-            FinalResponseChunk: ("final_response_text", "usage")}  # fmt: skip
+            FinalResponseChunk: ("final_response_text", "usage"),
+            ToolResultEmissionChunk: ("tool_call_id", "tool_name", "tool_result",
+                                      "is_success")}  # fmt: skip
     return [{"type": str(c.type), **{f: getattr(c, f) for f in keep[type(c)]}}
             for c in client.chunks]  # fmt: skip
 
@@ -229,3 +243,94 @@ async def test_anthropic_messages(provider: str) -> None:
     assert (final["type"], final["final_response_text"]) == ("final_response", "Checking the sky.")
     assert final["usage"]["input_tokens"] == 12 and final["usage"]["output_tokens"] == 30
     assert len(chunks) == 4
+
+
+async def test_pydantic_ai_with_its_function_model() -> None:
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart
+    from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
+
+    async def model(messages: list[ModelMessage], info: AgentInfo) -> Any:
+        answered = any(isinstance(part, ToolReturnPart) for message in messages
+                       if isinstance(message, ModelRequest) for part in message.parts)  # fmt: skip
+        if not answered:  # the arguments arrive in two pieces
+            yield {0: DeltaToolCall(name="forecast", json_args='{"ci', tool_call_id="call_1")}
+            yield {0: DeltaToolCall(json_args='ty": "Oslo"}')}
+        else:
+            yield "The sky "
+            yield "is clear."
+
+    agent = Agent(FunctionModel(stream_function=model))
+
+    @agent.tool_plain
+    def forecast(city: str) -> dict[str, str]:
+        return {"sky": "clear", "city": city}
+
+    async def run(sid: str, manager: StreamingManager) -> bool:
+        async with agent.run_stream_events("weather?") as events:
+            return await stream_pydantic_ai(sid, events, manager=manager)
+
+    chunks = await pushed(run)
+    assert chunks[:4] == [
+        {"type": "tool_call_request", "tool_calls": [
+            {"id": "call_1", "name": "forecast", "arguments": {"city": "Oslo"}}]},
+        {"type": "tool_result_emission", "tool_call_id": "call_1", "tool_name": "forecast",
+         "tool_result": {"sky": "clear", "city": "Oslo"}, "is_success": True},
+        {"type": "text_delta", "text_delta": "The sky "},
+        {"type": "text_delta", "text_delta": "is clear."},
+    ]  # fmt: skip
+    final = chunks[4]
+    assert (final["type"], final["final_response_text"]) == ("final_response", "The sky is clear.")
+    assert final["usage"]["requests"] == 2
+    assert len(chunks) == 5
+
+
+async def test_langchain_astream_events_of_a_graph_with_its_fake_chat_model() -> None:
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
+    from langchain_core.outputs import ChatGenerationChunk
+    from langchain_core.runnables import RunnableLambda
+    from langchain_core.tools import tool
+
+    class ToolCallingFake(GenericFakeChatModel):
+        """LangChain's fake chat model, streaming a tool call in pieces as real models do."""
+
+        def _stream(self, *args: Any, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+            for piece in ({"index": 0, "id": "call_1", "name": "forecast", "args": '{"ci'},
+                          {"index": 0, "args": 'ty": "Oslo"}'}):  # fmt: skip
+                message = AIMessageChunk(content="", tool_call_chunks=[piece])  # type: ignore[list-item]
+                yield ChatGenerationChunk(message=message)
+
+    @tool
+    def forecast(city: str) -> str:
+        """The forecast for a city."""
+        return f"clear over {city}"
+
+    talker = GenericFakeChatModel(messages=iter([AIMessage(content="The sky is clear.")]))
+
+    async def graph(question: str) -> str:  # model -> tool -> model, as an agent graph runs
+        decided = await ToolCallingFake(messages=iter([])).ainvoke(question)
+        call = decided.tool_calls[0]
+        result = await forecast.ainvoke(call)
+        assert isinstance(result, ToolMessage)
+        answer = await talker.ainvoke([decided, result])
+        return str(answer.content)
+
+    async def run(sid: str, manager: StreamingManager) -> bool:
+        events = RunnableLambda(graph).astream_events("weather?", version="v2")
+        return await stream_langchain(sid, events, manager=manager)
+
+    assert await pushed(run) == [
+        {"type": "tool_call_request", "tool_calls": [
+            {"id": "call_1", "name": "forecast", "arguments": {"city": "Oslo"}}]},
+        {"type": "tool_result_emission", "tool_call_id": "call_1", "tool_name": "forecast",
+         "tool_result": "clear over Oslo", "is_success": True},
+        {"type": "text_delta", "text_delta": "The"},
+        {"type": "text_delta", "text_delta": " "},
+        {"type": "text_delta", "text_delta": "sky"},
+        {"type": "text_delta", "text_delta": " "},
+        {"type": "text_delta", "text_delta": "is"},
+        {"type": "text_delta", "text_delta": " "},
+        {"type": "text_delta", "text_delta": "clear."},
+        {"type": "final_response", "final_response_text": "The sky is clear.", "usage": None},
+    ]  # fmt: skip
