@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Protocol
@@ -76,6 +76,13 @@ class History(Protocol):
         names the pub/sub channel to publish the ``stream.chunk`` event to, atomically.
         """
 
+    async def append_many(
+        self, stream_id: str, chunk_jsons: Sequence[str], *, take_failures: bool,
+        publish_to: str = "",
+    ) -> AppendResult:  # fmt: skip
+        """:meth:`append` for several chunks at once, atomically: consecutive seqs, ``seq``
+        the last of them."""
+
     def publish_prefix(self, layer_target: tuple[str, str] | None) -> str:
         """The prefix of group channels this history can publish to itself, given the layer's
         ``(redis address, group channel prefix)``; "" when it cannot."""
@@ -137,15 +144,23 @@ class MemoryHistory:
     async def append(
         self, stream_id: str, chunk_json: str, *, take_failures: bool, publish_to: str = ""
     ) -> AppendResult:
+        return await self.append_many(stream_id, [chunk_json], take_failures=take_failures,
+                                      publish_to=publish_to)  # fmt: skip
+
+    async def append_many(
+        self, stream_id: str, chunk_jsons: Sequence[str], *, take_failures: bool,
+        publish_to: str = "",
+    ) -> AppendResult:  # fmt: skip
         assert not publish_to, "MemoryHistory cannot publish"
         stream = self._get_open(stream_id)
         if take_failures and stream.failures:
             failures, stream.failures = stream.failures, {}
             return AppendResult(seq=None, failed_clients=failures)
         now = time.time()
-        stream.head_seq += 1
+        for chunk_json in chunk_jsons:
+            stream.head_seq += 1
+            stream.entries.append((stream.head_seq, now, chunk_json))
         stream.last_activity = now
-        stream.entries.append((stream.head_seq, now, chunk_json))
         self._trim(stream, now)
         return AppendResult(seq=stream.head_seq)
 

@@ -14,7 +14,7 @@ import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -357,7 +357,21 @@ class StreamingManager:
         CLIENT_SEND_FAILED naming the client(s) whose send failed.
         """
         with metrics.PUSH_SECONDS.time():
-            return await self._push(stream_id, chunk, raise_failures=True)
+            return (await self._push(stream_id, [chunk], raise_failures=True))[0]
+
+    async def push_chunks(
+        self, stream_id: str, chunks: Sequence[AgentOSResponse | dict[str, Any]]
+    ) -> list[int]:
+        """Push several chunks at once: one history round trip, consecutive seqs (returned),
+        every client gets them in order as if pushed one by one. All are validated first: one
+        bad chunk raises INVALID_ARGUMENT and none is sent. Otherwise as :meth:`push_chunk`."""
+        if isinstance(chunks, (str, bytes, dict)) or not chunks:
+            raise StreamError(
+                GMIErrorCode.INVALID_ARGUMENT, "push_chunks takes a non-empty list of chunks",
+                stream_id=stream_id,
+            )  # fmt: skip
+        with metrics.PUSH_SECONDS.time():
+            return await self._push(stream_id, list(chunks), raise_failures=True)
 
     async def close_stream(
         self,
@@ -440,7 +454,7 @@ class StreamingManager:
             is_final=terminate_stream,
         )
         logger.warning("stream %s error: %s: %s", stream_id, code, error)
-        await self._push(stream_id, chunk, raise_failures=False)
+        await self._push(stream_id, [chunk], raise_failures=False)
         if terminate_stream:
             await self.close_stream(stream_id, f"Error: {chunk.message}")
 
@@ -552,12 +566,12 @@ class StreamingManager:
     # -- internals ----------------------------------------------------------------------
 
     async def _push(
-        self, stream_id: str, chunk: AgentOSResponse | dict[str, Any], *, raise_failures: bool
-    ) -> int:
+        self, stream_id: str, chunks: list[AgentOSResponse | dict[str, Any]], *,
+        raise_failures: bool,
+    ) -> list[int]:  # fmt: skip
         config = self.config
-        chunk_json = encode_chunk(
-            chunk, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES
-        )
+        texts = [encode_chunk(c, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
+                 for c in chunks]  # fmt: skip
         throw = raise_failures and config.on_client_send_error_behavior == "throw"
         bridges = self.worker.bridges.get(stream_id)
         # The fast path publishes inside the append; plain clients in this process need the
@@ -567,8 +581,8 @@ class StreamingManager:
             publish_to = self._publish_prefix + stream_id
         result: AppendResult
         try:
-            result = await self.history.append(
-                stream_id, chunk_json, take_failures=throw, publish_to=publish_to
+            result = await self.history.append_many(
+                stream_id, texts, take_failures=throw, publish_to=publish_to
             )
         except StreamError as exc:
             if exc.code is GMIErrorCode.RESOURCE_NOT_FOUND:
@@ -578,14 +592,16 @@ class StreamingManager:
             raise self._backend_error(stream_id, "history", exc) from exc
         if result.seq is None:
             raise _send_failed(stream_id, result.failed_clients, pushed=False)
-        seq = result.seq
-        self.stats["chunks_pushed"] += 1
+        last = result.seq
+        seqs = list(range(last - len(texts) + 1, last + 1))
+        self.stats["chunks_pushed"] += len(texts)
         if publish_to:
-            return seq
+            return seqs
         # Wait for this process's bridged clients: registered before publishing, so a bridge
         # that is quicker than us still reports to the waiter.
-        waiters = {cid: b.delivered(seq) for cid, b in bridges.items()} if bridges else {}
-        await self.layer.publish_chunk(stream_id, seq, chunk_json)
+        waiters = {cid: b.delivered(last) for cid, b in bridges.items()} if bridges else {}
+        for seq, text in zip(seqs, texts, strict=True):
+            await self.layer.publish_chunk(stream_id, seq, text)
         if waiters:
             done, pending = await asyncio.wait(
                 waiters.values(), timeout=app_settings.DELIVERY_TIMEOUT_SECONDS
@@ -595,11 +611,11 @@ class StreamingManager:
                 if f in pending:
                     f.cancel()
                     logger.warning(
-                        "stream %s: client %s still busy with seq %d", stream_id, cid, seq
+                        "stream %s: client %s still busy with seq %d", stream_id, cid, last
                     )
             if throw and failed:
-                raise _send_failed(stream_id, failed, pushed=True, seq=seq)
-        return seq
+                raise _send_failed(stream_id, failed, pushed=True, seq=last)
+        return seqs
 
     async def _fast_path(self) -> bool:
         """Whether the one-round-trip push works here: proven once per process by publishing

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,12 +30,13 @@ OPEN_TTL_SECONDS = 24 * 3600
 POOL_TIMEOUT_SECONDS = 20
 
 APPEND = """
+-- ARGV: 1 time, 2 max chunks, 3 ttl, 4 take failures, 5 publish to, 6.. the chunks
 local meta, log, fail = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('EXISTS', meta) == 0 then return {-1} end
 if redis.call('HGET', meta, 'closed') == '1' then
   return {-2, redis.call('HGET', meta, 'reason')}
 end
-if ARGV[5] == '1' then
+if ARGV[4] == '1' then
   local failures = redis.call('HGETALL', fail)
   if #failures > 0 then
     redis.call('DEL', fail)
@@ -44,18 +45,23 @@ if ARGV[5] == '1' then
     return out
   end
 end
-local seq = redis.call('HINCRBY', meta, 'head', 1)
-redis.call('HSET', meta, 'last_activity', ARGV[2])
-redis.call('XADD', log, 'MAXLEN', ARGV[3], seq .. '-0', 't', ARGV[2], 'c', ARGV[1])
-if seq % 64 == 1 then  -- refreshing the keys' lifetime now and then is enough
-  redis.call('EXPIRE', meta, ARGV[4])
-  redis.call('EXPIRE', log, ARGV[4])
+local seq = 0
+local refresh = false
+for i = 6, #ARGV do
+  seq = redis.call('HINCRBY', meta, 'head', 1)
+  redis.call('XADD', log, 'MAXLEN', ARGV[2], seq .. '-0', 't', ARGV[1], 'c', ARGV[i])
+  if seq % 64 == 1 then refresh = true end
+  if ARGV[5] ~= '' then
+    -- fan-out in the same round trip: the event as channels_redis's pub/sub layer sends it
+    -- (plus 'at', the push time, for the delivery latency metric)
+    local event = {type = 'stream.chunk', seq = seq, chunk = ARGV[i], at = ARGV[1]}
+    redis.call('PUBLISH', ARGV[5], cmsgpack.pack(event))
+  end
 end
-if ARGV[6] ~= '' then
-  -- fan-out in the same round trip: the event as channels_redis's pub/sub layer sends it
-  -- (plus 'at', the push time, for the delivery latency metric)
-  local event = {type = 'stream.chunk', seq = seq, chunk = ARGV[1], at = ARGV[2]}
-  redis.call('PUBLISH', ARGV[6], cmsgpack.pack(event))
+redis.call('HSET', meta, 'last_activity', ARGV[1])
+if refresh then  -- refreshing the keys' lifetime now and then is enough
+  redis.call('EXPIRE', meta, ARGV[3])
+  redis.call('EXPIRE', log, ARGV[3])
 end
 return {seq}
 """
@@ -170,10 +176,18 @@ class RedisHistory:
     ) -> AppendResult:
         """Append; when ``publish_to`` names a Redis pub/sub channel, publish the
         ``stream.chunk`` event there in the same round trip."""
+        return await self.append_many(stream_id, [chunk_json], take_failures=take_failures,
+                                      publish_to=publish_to)  # fmt: skip
+
+    async def append_many(
+        self, stream_id: str, chunk_jsons: Sequence[str], *, take_failures: bool,
+        publish_to: str = "",
+    ) -> AppendResult:  # fmt: skip
+        """Append several chunks in one round trip (one script call); ``seq`` is the last."""
         _, append, _ = self._client()
         args: list[str | int | float] = [
-            chunk_json, time.time(), self.max_chunks, OPEN_TTL_SECONDS, int(take_failures),
-            publish_to,
+            time.time(), self.max_chunks, OPEN_TTL_SECONDS, int(take_failures), publish_to,
+            *chunk_jsons,
         ]  # fmt: skip
         result: list[Any] = await append(keys=_keys(stream_id), args=args)
         status = int(result[0])
