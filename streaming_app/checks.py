@@ -32,6 +32,7 @@ POSITIVE_NUMBERS = {
     "MAX_STREAMS_PER_SESSION": "streaming_app.E022",
     "MAX_NEW_STREAMS_PER_MINUTE": "streaming_app.E023",
     "REDIS_MAX_CONNECTIONS": "streaming_app.E025",
+    "HISTORY_MAX_TOTAL_BYTES": "streaming_app.E026",
 }
 DOTTED_PATHS = {
     "HISTORY_BACKEND": "streaming_app.E013",

@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "HISTORY_BACKEND": "streaming_app.history.MemoryHistory",
     "HISTORY_MAX_CHUNKS": 5000,
     "HISTORY_MAX_AGE_SECONDS": 3600,
+    # MemoryHistory: all streams' chunks together (oldest dropped first beyond it).
+    "HISTORY_MAX_TOTAL_BYTES": 256 * 1024 * 1024,
     # Redis for RedisHistory (empty: not used), and its connection pool per process: a push
     # beyond this many at once waits for a connection (up to 20 s) instead of failing.
     "REDIS_URL": "",
@@ -161,6 +163,10 @@ class AppSettings:
     @property
     def HISTORY_MAX_AGE_SECONDS(self) -> float:
         return float(self.get("HISTORY_MAX_AGE_SECONDS"))
+
+    @property
+    def HISTORY_MAX_TOTAL_BYTES(self) -> float:
+        return float(self.get("HISTORY_MAX_TOTAL_BYTES"))
 
     @property
     def REDIS_URL(self) -> str:

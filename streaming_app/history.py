@@ -8,6 +8,8 @@ between processes. Both keep the last ``HISTORY_MAX_CHUNKS`` chunks for at most
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -118,6 +120,7 @@ class _MemoryStream:
     closed_at: float = 0.0
     last_activity: float = field(default_factory=time.time)
     failures: dict[str, str] = field(default_factory=dict)
+    size: int = 0  # bytes of the chunks held
 
 
 class MemoryHistory:
@@ -125,17 +128,27 @@ class MemoryHistory:
 
     shared = False
 
-    def __init__(self, *, max_chunks: int, max_age_seconds: float) -> None:
+    def __init__(
+        self, *, max_chunks: int, max_age_seconds: float, max_total_bytes: float = math.inf
+    ) -> None:
         self.max_chunks = max_chunks
         self.max_age_seconds = max_age_seconds
+        self.max_total_bytes = max_total_bytes
         self._streams: dict[str, _MemoryStream] = {}
+        self.size = 0  # bytes of every chunk held, in all streams
+        self.evicted = 0  # chunks dropped to stay within max_total_bytes
+        # (time of a stream's oldest chunk, stream id), oldest first; entries go stale when a
+        # stream's oldest chunk changes and are refreshed when they come up.
+        self._oldest: list[tuple[float, str]] = []
 
     @classmethod
     def from_settings(cls) -> MemoryHistory:
-        """Built from ``HISTORY_MAX_CHUNKS`` and ``HISTORY_MAX_AGE_SECONDS``."""
+        """Built from ``HISTORY_MAX_CHUNKS``, ``HISTORY_MAX_AGE_SECONDS`` and
+        ``HISTORY_MAX_TOTAL_BYTES``."""
         return cls(
             max_chunks=app_settings.HISTORY_MAX_CHUNKS,
             max_age_seconds=app_settings.HISTORY_MAX_AGE_SECONDS,
+            max_total_bytes=app_settings.HISTORY_MAX_TOTAL_BYTES,
         )
 
     async def open(self, stream_id: str) -> None:
@@ -157,11 +170,16 @@ class MemoryHistory:
             failures, stream.failures = stream.failures, {}
             return AppendResult(seq=None, failed_clients=failures)
         now = time.time()
+        if not stream.entries:
+            heapq.heappush(self._oldest, (now, stream_id))
         for chunk_json in chunk_jsons:
             stream.head_seq += 1
             stream.entries.append((stream.head_seq, now, chunk_json))
+            stream.size += len(chunk_json)
+            self.size += len(chunk_json)
         stream.last_activity = now
         self._trim(stream, now)
+        self._evict()
         return AppendResult(seq=stream.head_seq)
 
     async def read_after(self, stream_id: str, after_seq: int, up_to: int | None = None) -> Replay:
@@ -214,7 +232,9 @@ class MemoryHistory:
             stream.failures[client_id] = message
 
     async def forget(self, stream_id: str) -> None:
-        self._streams.pop(stream_id, None)
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self.size -= stream.size
 
     async def aclose(self) -> None:
         return None
@@ -224,7 +244,11 @@ class MemoryHistory:
         cutoff = time.time() - self.max_age_seconds
         gone = [sid for sid, s in self._streams.items() if s.closed and s.closed_at < cutoff]
         for stream_id in gone:
-            del self._streams[stream_id]
+            self.size -= self._streams.pop(stream_id).size
+        if len(self._oldest) > 2 * len(self._streams) + 64:  # drop the stale entries
+            self._oldest = [(s.entries[0][1], sid) for sid, s in self._streams.items()
+                            if s.entries]  # fmt: skip
+            heapq.heapify(self._oldest)
         return gone
 
     def _get_open(self, stream_id: str) -> _MemoryStream:
@@ -247,7 +271,29 @@ class MemoryHistory:
     def _trim(self, stream: _MemoryStream, now: float) -> None:
         entries = stream.entries
         while len(entries) > self.max_chunks:
-            entries.popleft()
+            self._drop_oldest(stream)
         cutoff = now - self.max_age_seconds
         while entries and entries[0][1] < cutoff:
-            entries.popleft()
+            self._drop_oldest(stream)
+
+    def _drop_oldest(self, stream: _MemoryStream) -> None:
+        _, _, text = stream.entries.popleft()
+        stream.size -= len(text)
+        self.size -= len(text)
+
+    def _evict(self) -> None:
+        """Over ``max_total_bytes``: drop the oldest chunks of all streams, oldest first
+        (clients that still need them get a ``gap``, as for any trimmed history)."""
+        while self.size > self.max_total_bytes and self._oldest:
+            at, stream_id = heapq.heappop(self._oldest)
+            stream = self._streams.get(stream_id)
+            if stream is None or not stream.entries:
+                continue  # forgotten, or emptied: it is pushed again with its next chunk
+            first_at = stream.entries[0][1]
+            if first_at != at:  # stale: its oldest chunk changed since
+                heapq.heappush(self._oldest, (first_at, stream_id))
+                continue
+            self._drop_oldest(stream)
+            self.evicted += 1
+            if stream.entries:
+                heapq.heappush(self._oldest, (stream.entries[0][1], stream_id))

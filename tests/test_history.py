@@ -132,3 +132,25 @@ async def test_redis_history_survives_a_server_that_closes_idle_connections(
         finally:
             admin.config_set("timeout", 0)
             await history.aclose()
+
+
+async def test_memory_history_stays_within_its_total_budget_dropping_the_oldest_first() -> None:
+    from streaming_app.history import MemoryHistory
+
+    history = MemoryHistory(max_chunks=1000, max_age_seconds=3600, max_total_bytes=1000)
+    for sid in ("old", "new"):
+        await history.open(sid)
+    for i in range(10):  # 10 x 100 bytes: exactly the budget
+        await history.append("old", f'"{i:098d}"', take_failures=False)
+    assert history.size == 1000 and history.evicted == 0
+    for i in range(4):
+        await history.append("new", f'"{i:098d}"', take_failures=False)
+        assert history.size <= 1000
+    states = await history.states(["old", "new"])
+    assert (states["old"].first_seq, states["old"].head_seq) == (5, 10)  # its 4 oldest went
+    assert (states["new"].first_seq, states["new"].head_seq) == (1, 4)
+    assert history.evicted == 4
+    replay = await history.read_after("old", 0)
+    assert [seq for seq, _ in replay.entries] == [5, 6, 7, 8, 9, 10]  # a client gets a gap first
+    await history.forget("old")
+    assert history.size == 400
