@@ -135,6 +135,11 @@ class ManagerCollector(Collector):
         policy = self.manager.config.on_client_send_error_behavior
         failures.add_metric([policy], stats["send_failures"])
         yield failures
+        yield CounterMetricFamily(
+            "streaming_history_evicted_chunks",
+            "Chunks MemoryHistory dropped to stay within HISTORY_MAX_TOTAL_BYTES",
+            value=getattr(self.manager.history, "evicted", 0),
+        )
         yield GaugeMetricFamily("streaming_active_streams", "Active streams (all workers)",
                                 value=snapshot.active_streams)  # fmt: skip
         clients = GaugeMetricFamily("streaming_clients", "This worker's clients",
