@@ -8,6 +8,8 @@ from . import views
 urlpatterns = [
     path("", views.chat, name="chat"),
     path("api/turns/", views.start_turn, name="start-turn"),
+    path("api/conversations/", views.conversations, name="conversations"),
+    path("api/conversations/<str:conversation_id>/", views.conversation, name="conversation"),
     path("admin/", admin.site.urls),
     path("", include("streaming_app.urls")),
 ]

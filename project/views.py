@@ -9,6 +9,13 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
 
 from streaming_app.agents import start_agent
+from streaming_app.conversations import (
+    conversation_for,
+    earlier_turns,
+    record_turn,
+    summary,
+    visitor_conversations,
+)
 from streaming_app.exceptions import GMIError
 from streaming_app.manager import get_streaming_manager
 
@@ -60,20 +67,48 @@ async def start_turn(request: HttpRequest) -> JsonResponse:
         return JsonResponse(
             {"error": f"Messages are limited to {MAX_MESSAGE_LENGTH} characters."}, status=400
         )
+    asked = body.get("conversation") if isinstance(body, dict) else None
+    if asked is not None and not isinstance(asked, str):
+        return JsonResponse({"error": "'conversation' must be a conversation id."}, status=400)
     session_key = await visitor_session(request)
     user = await request.auser()
+    conversation = await conversation_for(user, session_key, asked, message)
+    if conversation is None:  # not theirs, or no such id: the same answer
+        return JsonResponse({"error": "No such conversation."}, status=404)
+    history = await earlier_turns(conversation)
     try:
         stream_id = await get_streaming_manager().create_stream(
             owner=user if user.is_authenticated else None,
             session_key=session_key,
-            metadata={"message": message[:200]},
+            metadata={"message": message[:200], "conversation": conversation.pk},
         )
     except GMIError as exc:
         response = JsonResponse(exc.to_dict(), status=exc.http_status)
         if "retry_after" in exc.details:
             response["Retry-After"] = str(exc.details["retry_after"])
         return response
-    start_agent(stream_id, message)
+    await record_turn(conversation, message, stream_id)
+    start_agent(stream_id, message, history=history)
     return JsonResponse(
-        {"stream_id": stream_id, "ws_path": f"/ws/streams/{stream_id}/"}, status=201
-    )
+        {"stream_id": stream_id, "ws_path": f"/ws/streams/{stream_id}/",
+         "conversation": conversation.pk},
+        status=201,
+    )  # fmt: skip
+
+
+@require_GET
+async def conversations(request: HttpRequest) -> JsonResponse:
+    """The visitor's conversations, newest first."""
+    user = await request.auser()
+    return JsonResponse({"conversations": await visitor_conversations(
+        user, request.session.session_key)})  # fmt: skip
+
+
+@require_GET
+async def conversation(request: HttpRequest, conversation_id: str) -> JsonResponse:
+    """One of the visitor's conversations with every turn (404 for anyone else's)."""
+    user = await request.auser()
+    found = await conversation_for(user, request.session.session_key, conversation_id, "")
+    if found is None:
+        return JsonResponse({"error": "No such conversation."}, status=404)
+    return JsonResponse(await summary(found))

@@ -29,14 +29,16 @@ from django.utils.translation import ngettext
 from .auth import CLOSE_PERMISSION, VIEW_CONTENTS_PERMISSION
 from .exceptions import GMIError
 from .manager import StreamActivity, get_streaming_manager
-from .models import Stream, StreamClient, StreamTranscript
+from .models import Conversation, Stream, StreamClient, StreamTranscript, Turn
 
 if TYPE_CHECKING:
     _ClientInline = admin.TabularInline[StreamClient, Stream]
     _StreamAdmin = admin.ModelAdmin[Stream]
+    _TurnInline = admin.TabularInline[Turn, Conversation]
+    _ConversationAdmin = admin.ModelAdmin[Conversation]
 else:
-    _ClientInline = admin.TabularInline
-    _StreamAdmin = admin.ModelAdmin
+    _ClientInline = _TurnInline = admin.TabularInline
+    _StreamAdmin = _ConversationAdmin = admin.ModelAdmin
 
 RECENT_CHUNKS = 20
 CONTENT_FIELDS = ("metadata", "reply", "recent_chunks")
@@ -384,3 +386,50 @@ class StreamAdmin(_StreamAdmin):
     ) -> HttpResponse:
         extra = {"can_close": self.has_close_permission(request)}
         return super().change_view(request, object_id, form_url, {**(extra_context or {}), **extra})
+
+
+class TurnInline(_TurnInline):
+    model = Turn
+    fields = ("index", "message", "stream", "reply")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    @admin.display(description=_("reply"))
+    def reply(self, turn: Turn) -> str:
+        transcript = StreamTranscript.objects.filter(stream_id=turn.stream_id).first()
+        return transcript.text[:500] if transcript is not None else "…"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Conversation)
+class ConversationAdmin(_ConversationAdmin):
+    """Conversations, searchable by owner and by what was said; what they say needs "Can view
+    stream contents", as a stream's does."""
+
+    list_display = ("title", "owner", "created_at", "turn_count")
+    search_fields = ("id", "owner__username", "title", "turns__message")
+    readonly_fields = ("id", "owner", "title", "created_at")
+    exclude = ("session_hash",)
+    inlines = [TurnInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
+        return super().get_queryset(request).annotate(turns_count=Count("turns"))
+
+    @admin.display(description=_("turns"), ordering="turns_count")
+    def turn_count(self, conversation: Conversation) -> int:
+        return int(getattr(conversation, "turns_count", 0))
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm(VIEW_CONTENTS_PERMISSION))
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.has_perm(VIEW_CONTENTS_PERMISSION))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 from asgiref.sync import async_to_sync, sync_to_async
@@ -150,10 +151,13 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
 
 
 async def local_agent(
-    message: str, stream_id: str, *, delay: float = 0.04
-) -> AsyncIterator[AgentOSResponse]:
+    message: str, stream_id: str, *, delay: float = 0.04,
+    history: Sequence[tuple[str, str]] = (),
+) -> AsyncIterator[AgentOSResponse]:  # fmt: skip
     """A deterministic agent: progress, a tool call and its result, the answer token by
-    token, a UI command, a metadata update and the final response. No network."""
+    token, a UI command, a metadata update and the final response. No network. With
+    ``history`` (the conversation's earlier ``(message, reply)`` turns) it says which turn
+    this is and what was asked first."""
     ids: dict[str, Any] = {
         "stream_id": stream_id,
         "gmi_instance_id": "local-gmi",
@@ -174,6 +178,9 @@ async def local_agent(
         f"Here they are back, one at a time: {' '.join(words)}. "
         "This reply comes from the deterministic local agent, streamed token by token."
     )
+    if history:
+        answer += (f" This is turn {len(history) + 1} of our conversation; "
+                   f"you first asked: {history[0][0][:80]}")  # fmt: skip
     tokens = re.findall(r"\s*\S+", answer)
     for token in tokens:
         await asyncio.sleep(delay)
@@ -188,14 +195,24 @@ async def local_agent(
 _running: set[asyncio.Task[bool]] = set()
 
 
-def start_agent(stream_id: str, message: str, agent: Agent | None = None) -> asyncio.Task[bool]:
+def start_agent(
+    stream_id: str, message: str, agent: Agent | None = None, *,
+    history: Sequence[tuple[str, str]] = (),
+) -> asyncio.Task[bool]:  # fmt: skip
     """Run an agent for a stream in the background of this process's event loop.
 
-    The task is kept until it ends, so it is not garbage-collected mid-reply.
+    ``history`` (the conversation's earlier ``(message, reply)`` turns) is passed to agents
+    that take a ``history`` keyword. The task is kept until it ends, so it is not
+    garbage-collected mid-reply.
     """
     agent = agent or get_agent()
+    takes_history = "history" in inspect.signature(agent).parameters
+    if takes_history:
+        chunks = agent(message, stream_id, history=history)  # type: ignore[call-arg]
+    else:
+        chunks = agent(message, stream_id)
     task = asyncio.get_running_loop().create_task(
-        run_agent(stream_id, agent(message, stream_id)), name=f"agent-{stream_id}"
+        run_agent(stream_id, chunks), name=f"agent-{stream_id}"
     )
     _running.add(task)
     task.add_done_callback(_running.discard)

@@ -12,7 +12,7 @@ from django.utils.module_loading import import_string
 
 from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
-from .models import STREAM_ID_PATTERN, Stream
+from .models import STREAM_ID_PATTERN, Conversation, Stream
 from .registry import database_sync_to_async
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def session_hashes(session_key: str | None) -> list[str]:
     return [session_hash(session_key, secret=secret) for secret in secrets]
 
 
-def created_in_session(stream: Stream, session_key: str | None) -> bool:
-    """Whether the anonymous session ``session_key`` created ``stream``."""
+def created_in_session(stream: Stream | Conversation, session_key: str | None) -> bool:
+    """Whether the anonymous session ``session_key`` created ``stream`` (or a conversation)."""
     return bool(stream.session_hash) and any(
         constant_time_compare(stream.session_hash, candidate)
         for candidate in session_hashes(session_key)
@@ -63,12 +63,16 @@ def adopt_anonymous_streams(sender: Any, request: Any, user: Any, **kwargs: Any)
     moved = Stream.objects.filter(session_hash__in=hashes, owner__isnull=True).update(
         owner=user, session_hash=""
     )
-    if moved:
-        logger.info("%d anonymous stream(s) now belong to user %s", moved, user.pk)
+    chats = Conversation.objects.filter(session_hash__in=hashes, owner__isnull=True).update(
+        owner=user, session_hash=""
+    )
+    if moved or chats:
+        logger.info("%d anonymous stream(s) and %d conversation(s) now belong to user %s",
+                    moved, chats, user.pk)  # fmt: skip
 
 
-def is_owner(user: Any, session_key: str | None, stream: Stream) -> bool:
-    """The stream's owner, or the anonymous session that created it."""
+def is_owner(user: Any, session_key: str | None, stream: Stream | Conversation) -> bool:
+    """The stream's (or conversation's) owner, or the anonymous session that created it."""
     owner = stream.owner_id
     if getattr(user, "is_authenticated", False) and owner is not None and owner == user.pk:
         return True

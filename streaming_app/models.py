@@ -190,3 +190,56 @@ class StreamTranscript(models.Model):
 
     def __str__(self) -> str:
         return f"transcript of {self.stream_id}"
+
+
+class Conversation(models.Model):
+    """A chat a visitor keeps: its turns in order, each a message and the stream that answered
+    it. Owned like a stream: a user, or (keyed hash) the anonymous session that started it."""
+
+    id = models.CharField(_("id"), primary_key=True, max_length=64, validators=[validate_stream_id])
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, verbose_name=_("owner"), null=True, blank=True,
+        on_delete=models.CASCADE, related_name="conversations",
+    )  # fmt: skip
+    session_hash = models.CharField(_("session hash"), max_length=64, blank=True, editable=False)
+    title = models.CharField(_("title"), max_length=200, blank=True)
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("conversation")
+        verbose_name_plural = _("conversations")
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["owner", "created_at"], name="streaming_conv_owner"),
+            models.Index(fields=["session_hash", "created_at"], name="streaming_conv_session"),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or self.id
+
+
+class Turn(models.Model):
+    """One exchange of a conversation: the user's message and the stream of the reply."""
+
+    conversation = models.ForeignKey(
+        Conversation, verbose_name=_("conversation"), on_delete=models.CASCADE,
+        related_name="turns",
+    )  # fmt: skip
+    index = models.PositiveIntegerField(_("index"))
+    message = models.TextField(_("message"))
+    stream = models.OneToOneField(
+        Stream, verbose_name=_("stream"), null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="turn",
+    )  # fmt: skip
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("turn")
+        verbose_name_plural = _("turns")
+        ordering = ["conversation", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["conversation", "index"], name="streaming_turn_order")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.conversation_id} #{self.index}"

@@ -43,7 +43,7 @@ async def test_a_turn_creates_a_stream_owned_by_the_session_and_runs_the_agent()
     assert key is not None
     assert stream.session_hash == session_hash(key)  # a keyed hash: the key is stored nowhere
     assert key not in str(await Stream.objects.filter(pk=stream.pk).values().aget())
-    assert stream.metadata == {"message": "hi there"}
+    assert stream.metadata == {"message": "hi there", "conversation": body["conversation"]}
     await finish_turns()
     stream = await Stream.objects.aget(pk=body["stream_id"])
     assert (stream.status, stream.close_reason) == ("closed", "Interaction complete.")
