@@ -11,7 +11,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .servers import DaphneServer, manager_call
+
+# Protocol and process behaviour, not the database's: the SQLite pass runs it (.ci/run).
+pytestmark = pytest.mark.database_independent
 
 JS = Path(__file__).resolve().parent / "js"
 

@@ -9,8 +9,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .servers import DaphneServer, manager_call
 from .test_agui import JS, PUSH_EVERY_TYPE, node_ready
+
+# Protocol and process behaviour, not the database's: the SQLite pass runs it (.ci/run).
+pytestmark = pytest.mark.database_independent
 
 
 async def resume_like_use_chat(url: str, chat_id: str) -> dict[str, Any]:

@@ -29,6 +29,9 @@ from streaming_app.protocol import CloseCode
 from .servers import SETTINGS, DaphneServer, base_env, read_frames
 from .test_daphne import start_turn
 
+# Protocol and process behaviour, not the database's: the SQLite pass runs it (.ci/run).
+pytestmark = pytest.mark.database_independent
+
 BURST = 300
 BACKLOG = 1024  # the README's; the kernel caps it at net.core.somaxconn (4096 by default)
 

@@ -42,6 +42,9 @@ from streaming_app.protocol import CloseCode
 
 from .servers import DaphneServer, manager_call, read_frames, start_python, with_settings
 
+# Protocol and process behaviour, not the database's: the SQLite pass runs it (.ci/run).
+pytestmark = pytest.mark.database_independent
+
 SEED = 20_240_610
 MAX_SEQ = 2**63 - 1
 FRAME_LIMIT = 4096  # MAX_CLIENT_FRAME_BYTES (the default): above it, error frame and 4413

@@ -11,7 +11,8 @@ from django.test import override_settings
 from streaming_app.chunks import TextDeltaChunk
 from streaming_app.manager import StreamingManager
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Protocol and process behaviour, not the database's: the SQLite pass runs it (.ci/run).
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.database_independent]
 
 STREAMS = 1000
 

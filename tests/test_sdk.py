@@ -30,7 +30,8 @@ from streaming_app.sdk import (
 
 from .conftest import RecordingClient
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Protocol and process behaviour, not the database's: the SQLite pass runs it (.ci/run).
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.database_independent]
 
 
 def sse(events: list[tuple[str | None, Any]]) -> bytes:

@@ -9,7 +9,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from .servers import PYTHON, ROOT, DaphneServer, base_env, manage, migrated_sqlite, run_python
+
+# Protocol and process behaviour, not the database's: the SQLite pass runs it (.ci/run).
+pytestmark = pytest.mark.database_independent
 
 
 def without(env: dict[str, str], *names: str) -> dict[str, str]:
