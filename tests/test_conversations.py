@@ -91,3 +91,49 @@ async def test_the_conversations_admin_searches_by_what_was_said_with_the_permis
     page = (await root.get(f"{url}{started['conversation']}/change/")).content.decode()
     assert "You said 5 words." in page  # the reply, from the transcript
     assert (await staff.get(url)).status_code == 403  # is_staff is not enough
+
+
+def test_prune_keeps_a_conversations_streams_until_the_conversation_goes() -> None:
+    from datetime import timedelta
+
+    from asgiref.sync import async_to_sync
+    from django.core.management import call_command
+    from django.utils import timezone
+
+    from streaming_app.conversations import conversation_for, record_turn
+    from streaming_app.manager import get_streaming_manager
+    from streaming_app.models import Conversation, Stream, StreamTranscript, Turn
+
+    manager = get_streaming_manager()
+
+    def closed_stream(stream_id: str) -> str:
+        async_to_sync(manager.create_stream)(stream_id)
+        async_to_sync(manager.close_stream)(stream_id, "done")
+        return stream_id
+
+    loose, kept = closed_stream("loose"), closed_stream("answered")
+    chat = async_to_sync(conversation_for)(None, "a-session-key", None, "old chat")
+    assert chat is not None
+    async_to_sync(record_turn)(chat, "hello", kept)
+    long_ago = timezone.now() - timedelta(days=100)
+    Stream.objects.update(closed_at=long_ago)
+    Conversation.objects.update(created_at=long_ago)
+    Turn.objects.update(created_at=long_ago)
+
+    def prune(*args: str) -> str:
+        from io import StringIO
+
+        out = StringIO()
+        call_command("streaming_prune", *args, stdout=out)
+        return out.getvalue()
+
+    assert prune("--older-than", "7d") == "Deleted 1 closed stream(s).\n"
+    assert set(Stream.objects.values_list("pk", flat=True)) == {kept}  # the loose one went
+    assert StreamTranscript.objects.filter(stream_id=kept).exists()
+    assert prune("--older-than", "7d", "--conversations-older-than", "90d", "--dry-run") == (
+        "Would delete 1 closed stream(s) and 1 conversation(s).\n"
+    )
+    prune("--older-than", "7d", "--conversations-older-than", "90d")
+    assert not Stream.objects.exists() and not Conversation.objects.exists()
+    assert not Turn.objects.exists() and not StreamTranscript.objects.exists()
+    assert loose == "loose"
