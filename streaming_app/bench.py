@@ -35,6 +35,9 @@ LAYERS = {
     "redis": "channels_redis.core.RedisChannelLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
 }
+# Channels' plain consumer, the same without its per-message database hop (the honest
+# baseline: the best a hand-written consumer does), and streaming_app.
+SYSTEMS = ("raw", "raw-nohop", "streaming_app")
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Scenario:
 
 @dataclass
 class Result:
-    system: str  # "raw" or "streaming_app"
+    system: str  # "raw", "raw-nohop" (raw without Channels' per-message hop) or "streaming_app"
     layer: str
     scenario: str
     expected: int
@@ -234,7 +237,8 @@ async def _client(url: str, received: list[tuple[int, float, float]], done: asyn
 
 def end_to_end(deployment: Deployment, system: str, layer: str, scenario: Scenario) -> Result:
     """Run one scenario through one Daphne worker; what the clients received."""
-    app = "streaming_app.bench_raw:application" if system == "raw" else "project.asgi:application"
+    raw = system.startswith("raw")
+    app = "streaming_app.bench_raw:application" if raw else "project.asgi:application"
     server, port = deployment.daphne(app, layer)
     try:
         return asyncio.run(_end_to_end(deployment, system, layer, scenario, port))
@@ -244,7 +248,7 @@ def end_to_end(deployment: Deployment, system: str, layer: str, scenario: Scenar
 
 async def _end_to_end(deployment: Deployment, system: str, layer: str, scenario: Scenario,
                       port: int) -> Result:  # fmt: skip
-    raw = system == "raw"
+    raw = system.startswith("raw")
     if raw:
         ids = [f"s{i}" for i in range(scenario.streams)]
     else:
@@ -255,7 +259,9 @@ async def _end_to_end(deployment: Deployment, system: str, layer: str, scenario:
     tasks, ready = [], []
     idle = 3.0 if scenario.chunks <= 200 else 8.0  # how long a client waits for more
     for stream_id in ids:
-        path = f"raw/{stream_id}/" if raw else f"ws/streams/{stream_id}/"
+        path = {"raw": f"raw/{stream_id}/", "raw-nohop": f"rawnohop/{stream_id}/"}.get(
+            system, f"ws/streams/{stream_id}/"
+        )
         for _ in range(scenario.clients):
             got: list[tuple[int, float, float]] = []
             received.append(got)
@@ -310,7 +316,7 @@ def _score(system: str, layer: str, scenario: Scenario,
 
 async def produce(spec: dict[str, Any]) -> None:
     """Push ``chunks`` to every stream at ``rate`` per stream (0: as fast as possible)."""
-    raw = spec["system"] == "raw"
+    raw = spec["system"].startswith("raw")
     layer = get_channel_layer()
     assert layer is not None
     if not raw:

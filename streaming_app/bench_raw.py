@@ -34,9 +34,24 @@ class RawConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=event["text"])
 
 
+class RawNoHopConsumer(RawConsumer):
+    """The same, with the dispatch streaming_app's consumer has: no per-message database
+    clean-up (Channels' ``aclose_old_connections`` thread hop) for messages that touch no
+    database. The honest baseline: the best a hand-written consumer can do."""
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        if message["type"] == "raw.chunk":
+            await self.raw_chunk(message)
+        else:
+            await super().dispatch(message)
+
+
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": URLRouter([path("raw/<str:stream_id>/", RawConsumer.as_asgi())]),
+        "websocket": URLRouter([
+            path("raw/<str:stream_id>/", RawConsumer.as_asgi()),
+            path("rawnohop/<str:stream_id>/", RawNoHopConsumer.as_asgi()),
+        ]),
     }
-)
+)  # fmt: skip

@@ -26,7 +26,7 @@ def test_quick_benchmark_reports_every_row_and_streaming_app_loses_nothing(
     assert set(rows) == {
         (scenario, system, layer)
         for scenario in ("a", "b")
-        for system in ("raw", "streaming_app")
+        for system in ("raw", "raw-nohop", "streaming_app")
         for layer in ("redis", "pubsub")
     }
     for (_, system, _), row in rows.items():
