@@ -102,7 +102,7 @@ def test_stop_ends_the_reply(page: Page) -> None:
 
 def test_a_second_tab_follows_the_same_reply(page: Page) -> None:
     send(page, " ".join(["tab"] * 40))
-    expect(page).to_have_url(re.compile(r"\?stream="))
+    expect(page).to_have_url(re.compile(r"[?&]stream="))
     second = page.context.new_page()
     second.goto(page.url)
     wait_done(page)
@@ -168,3 +168,90 @@ def test_the_admin_changelist_counts_refresh_by_themselves(
     send(page, " ".join(["count"] * 300))  # a new stream, while the changelist stays open
     expect(active).to_have_text(str(before + 1))  # refreshed without a reload
     expect(active).to_have_text(str(before), timeout=30_000)  # the reply ends, the count too
+
+
+# -- conversations and the page's manners (issue 12) ---------------------------------------
+
+
+def test_a_conversation_comes_back_whole_on_reload_and_in_the_list(page: Page) -> None:
+    send(page, "first question here")
+    wait_done(page)
+    page.fill("#message", "and a second one")
+    page.click("#send")
+    expect(page.locator(".turn.agent .events li", has_text="Done")).to_have_count(2)
+    expect(page).to_have_url(re.compile(r"\?c=[0-9a-f]+$"))  # the conversation, not a stream
+    page.reload()
+    expect(page.locator(".turn.user .bubble")).to_have_text(["first question here",
+                                                             "and a second one"])  # fmt: skip
+    replies = page.locator(".turn.agent .bubble")
+    expect(replies).to_have_count(2)
+    assert replies.nth(0).inner_text().startswith("You said 3 words.")
+    assert "This is turn 2 of our conversation" in replies.nth(1).inner_text()
+    expect(page.locator("#conversations a.current")).to_have_text("first question here")
+
+
+def test_a_long_word_wraps_on_a_phone(browser: Browser, server: DaphneServer) -> None:
+    phone = browser.new_context(base_url=server.http_url, viewport={"width": 390, "height": 800})
+    page = phone.new_page()
+    page.set_default_timeout(15_000)
+    send(page, "x" * 300)
+    wait_done(page)
+    wide = page.evaluate("""() => [...document.querySelectorAll('body *')]
+        .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1)
+        .map(e => e.tagName + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right))""")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), wide
+    phone.close()
+
+
+def test_a_refused_message_stays_in_the_composer_with_one_reason(page: Page) -> None:
+    page.goto("/")
+    too_long = "y" * 4001
+    page.fill("#message", too_long)
+    page.click("#send")
+    expect(page.locator(".notice")).to_contain_text("limited to 4000 characters")
+    expect(page.locator(".notice")).to_have_count(1)
+    assert page.input_value("#message") == too_long
+    expect(page.locator(".turn")).to_have_count(0)
+    expect(page.locator("#send")).to_be_enabled()
+
+
+def test_someone_elses_reply_or_a_made_up_one_says_so_once(
+    browser: Browser, page: Page, server: DaphneServer
+) -> None:
+    send(page, "mine only")
+    stream_id = page.url.split("stream=")[1]
+    stranger = browser.new_context(base_url=server.http_url).new_page()
+    stranger.set_default_timeout(15_000)
+    for target in (stream_id, "0" * 32):
+        stranger.goto(f"/?stream={target}")
+        notice = stranger.locator(".notice")
+        expect(notice).to_have_text("This reply does not exist or is not yours to see.")
+        stranger.wait_for_function("window.streamingClient && window.streamingClient.finished")
+        expect(notice).to_have_count(1)
+        expect(stranger.locator(".turn.agent")).to_have_count(0)
+    stranger.context.close()
+
+
+def test_the_page_follows_the_reply_unless_the_reader_scrolled_up(
+    browser: Browser, server: DaphneServer
+) -> None:
+    small = browser.new_context(base_url=server.http_url, viewport={"width": 390, "height": 400})
+    page = small.new_page()
+    page.set_default_timeout(30_000)
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("requestfailed", lambda r: errors.append(r.url))
+    send(page, " ".join(["scroll"] * 120))
+    done = page.locator(".turn.agent .events li", has_text="Done")
+    expect(done).to_have_count(1, timeout=30_000)
+    at_bottom = "window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 40"
+    assert page.evaluate("document.documentElement.scrollHeight > 2 * window.innerHeight")
+    assert page.evaluate(at_bottom)  # it followed the reply down
+    page.fill("#message", " ".join(["again"] * 120))
+    page.click("#send")
+    expect(page.locator(".turn.agent .bubble").last).to_contain_text("You said")
+    page.evaluate("window.scrollTo(0, 0)")  # the reader goes back up mid-reply
+    expect(done).to_have_count(2, timeout=30_000)
+    assert page.evaluate("window.scrollY") == 0  # and the page left them there
+    assert errors == []  # no console error, no failed request (a favicon included)
+    small.close()
