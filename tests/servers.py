@@ -92,6 +92,15 @@ def server_command(kind: str, app: str, port: int, backlog: int | None = None) -
 SERVER_KINDS = ("daphne", "uvicorn", "hypercorn")
 
 
+def server_kinds() -> list[Any]:
+    """SERVER_KINDS as test parameters: the other servers are checked in the SQLite pass only
+    (what differs between servers is not the database; .ci/run stays within its time)."""
+    import pytest
+
+    return [kind if kind == "daphne" else pytest.param(kind, marks=pytest.mark.database_independent)
+            for kind in SERVER_KINDS]  # fmt: skip
+
+
 class DaphneServer:
     """One worker serving ``project.asgi`` on a free port of 127.0.0.1: Daphne, or with
     ``kind`` Uvicorn or Hypercorn; with ``backlog``, Daphne listening as the README runs it

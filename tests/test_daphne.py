@@ -16,7 +16,7 @@ import websockets
 
 from streaming_app.protocol import CloseCode
 
-from .servers import SERVER_KINDS, DaphneServer, base_env, manage, migrated_sqlite, read_frames
+from .servers import DaphneServer, base_env, manage, migrated_sqlite, read_frames, server_kinds
 
 
 def start_turn(server: DaphneServer, message: str, *, stale: str = "") -> tuple[str, str]:
@@ -98,7 +98,7 @@ async def test_other_session_is_refused(tmp_path: Path) -> None:
                        "message": f"stream {stream_id!r} does not exist"}]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", SERVER_KINDS)
+@pytest.mark.parametrize("kind", server_kinds())
 async def test_stopping_a_worker_tells_its_clients_to_reconnect(tmp_path: Path, kind: str) -> None:
     """SIGTERM to a worker that has served only WebSockets for a while (no HTTP request for
     more than 3 s): every client gets ``reconnect`` with its cursor and 4012, no row stays.

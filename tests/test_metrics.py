@@ -43,6 +43,7 @@ def value(scraped: dict[Any, float], name: str, **labels: str) -> float:
     return scraped.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+@pytest.mark.database_independent  # counters, not rows: the SQLite pass runs it
 async def test_counters_of_two_workers_move_by_what_was_pushed_and_delivered(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -21,7 +21,6 @@ import websockets
 from streaming_app.protocol import CloseCode
 
 from .servers import (
-    SERVER_KINDS,
     SETTINGS,
     DaphneServer,
     RedisServer,
@@ -31,6 +30,7 @@ from .servers import (
     manager_call,
     read_frames,
     run_python,
+    server_kinds,
     start_python,
     with_settings,
 )
@@ -76,7 +76,7 @@ def chunk_seqs(frames: list[dict[str, Any]]) -> list[int]:
     return [f["seq"] for f in frames if f["type"] == "chunk"]
 
 
-@pytest.mark.parametrize("workers", SERVER_KINDS, indirect=True)
+@pytest.mark.parametrize("workers", server_kinds(), indirect=True)
 async def test_every_operation_crosses_processes(
     env: dict[str, str], workers: list[DaphneServer]
 ) -> None:

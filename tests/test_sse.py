@@ -20,7 +20,7 @@ from streaming_app.manager import StreamingManager, get_streaming_manager
 from streaming_app.routing import sse_urlpatterns
 
 from .conftest import delta
-from .servers import SERVER_KINDS, DaphneServer, base_env, migrated_sqlite
+from .servers import DaphneServer, base_env, migrated_sqlite, server_kinds
 from .test_daphne import start_turn
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -148,7 +148,7 @@ async def test_a_closed_stream_replays_then_ends(
     assert [e["event"] for e in events] == ["chunk", "closed"]
 
 
-@pytest.mark.parametrize("kind", SERVER_KINDS)
+@pytest.mark.parametrize("kind", server_kinds())
 async def test_sse_follows_a_demo_turn_through_each_server(tmp_path: Path, kind: str) -> None:
     env = base_env(DATABASE_URL=migrated_sqlite(tmp_path))
     with DaphneServer(env, log=tmp_path / f"{kind}.log", kind=kind) as server:
