@@ -255,3 +255,28 @@ def test_the_page_follows_the_reply_unless_the_reader_scrolled_up(
     assert page.evaluate("window.scrollY") == 0  # and the page left them there
     assert errors == []  # no console error, no failed request (a favicon included)
     small.close()
+
+
+def test_the_page_loads_and_replies_without_console_errors(
+    browser: Browser, server: DaphneServer
+) -> None:
+    # A browser of its own: Chromium asks a site for /favicon.ico once per browser, not per page.
+    fresh = browser.browser_type.launch(executable_path=CHROMIUM, args=ARGS)
+    try:
+        page = fresh.new_page(base_url=server.http_url)
+        page.set_default_timeout(15_000)
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("requestfailed", lambda r: problems.append(f"{r.url}: {r.failure}"))
+        page.on(
+            "response",
+            lambda r: problems.append(f"{r.url}: {r.status}") if r.status >= 400 else None,
+        )
+        page.goto("/", wait_until="networkidle")
+        page.fill("#message", "no errors please")
+        page.click("#send")
+        wait_done(page)
+        assert problems == []
+    finally:
+        fresh.close()
