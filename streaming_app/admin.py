@@ -102,15 +102,20 @@ class StreamClientInline(_ClientInline):
     extra = 0
     can_delete = False
     fields = ("client_id", "transport", "user", "connected_at", "last_seen_at",
-              "send_failures", "lag", "worker_id")  # fmt: skip
+              "send_failures", "lag", "paused", "worker_id")  # fmt: skip
     readonly_fields = fields
     verbose_name_plural = _("connected clients")
     head_seq = 0  # set per request by StreamAdmin.get_inline_instances
 
     @admin.display(description=_("lag (chunks)"))
-    def lag(self, client: StreamClient) -> int:
-        """Chunks pushed that the client has not received (as of its worker's last sweep)."""
-        return max(0, self.head_seq - client.delivered_seq)
+    def lag(self, client: StreamClient) -> str:
+        """Chunks pushed that the client has not read, as of its worker's last sweep: the head
+        minus its ack, or minus what was written to it when it does not ack (marked so)."""
+        if client.acked_seq is not None:
+            return str(max(0, self.head_seq - client.acked_seq))
+        return _("%(lag)d (not acked: written)") % {
+            "lag": max(0, self.head_seq - client.delivered_seq)
+        }
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[StreamClient]:
         return super().get_queryset(request).select_related("user")

@@ -33,6 +33,10 @@ POSITIVE_NUMBERS = {
     "MAX_NEW_STREAMS_PER_MINUTE": "streaming_app.E023",
     "REDIS_MAX_CONNECTIONS": "streaming_app.E025",
     "HISTORY_MAX_TOTAL_BYTES": "streaming_app.E026",
+    "CLIENT_WINDOW_CHUNKS": "streaming_app.E027",
+    "CLIENT_WINDOW_BYTES": "streaming_app.E028",
+    "CLIENT_MAX_UNREAD_BYTES": "streaming_app.E029",
+    "INLINE_CHUNK_BYTES": "streaming_app.E030",
 }
 DOTTED_PATHS = {
     "HISTORY_BACKEND": "streaming_app.E013",
@@ -107,6 +111,19 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             f"SWEEP_INTERVAL_SECONDS ({interval}): live workers would be taken for dead.",
             hint="Defaults: 30 and 5.", id="streaming_app.E020",
         ))  # fmt: skip
+    chunk_bytes = app_settings.get("MAX_CHUNK_BYTES")
+    for key in ("CLIENT_WINDOW_BYTES", "CLIENT_MAX_UNREAD_BYTES"):
+        value = app_settings.get(key)
+        numbers = [
+            v for v in (value, chunk_bytes) if isinstance(v, int) and not isinstance(v, bool)
+        ]
+        if len(numbers) == 2 and 0 < value < 4 * chunk_bytes:
+            messages.append(Warning(
+                f"{SETTING_NAME}['{key}'] ({value}) holds fewer than 4 chunks of "
+                f"MAX_CHUNK_BYTES ({chunk_bytes}): big chunks would pause or send off clients "
+                "after every few frames.",
+                hint=f"Default: {DEFAULTS[key]!r}.", id="streaming_app.W005",
+            ))  # fmt: skip
     for layer_alias, layer in getattr(settings, "CHANNEL_LAYERS", {}).items():
         messages.extend(layer_messages(layer_alias, layer))
     db = connections["default"]

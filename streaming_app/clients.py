@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -68,6 +69,7 @@ class Delivery:
         self.history = history
         self.stream_id = stream_id
         self.delivered_seq = delivered_seq
+        self.head_seq = 0  # the stream's head at the last read of history
 
     async def receive(self, seq: int, chunk_json: str) -> list[Chunk | Gap]:
         """What to send for a live chunk event."""
@@ -78,10 +80,21 @@ class Delivery:
         self.delivered_seq = seq
         return items
 
-    async def catch_up(self, up_to: int | None = None) -> list[Chunk | Gap]:
-        """Everything after the delivered seq up to ``up_to`` (default: the head) from history."""
-        replay = await self.history.read_after(self.stream_id, self.delivered_seq, up_to)
+    async def catch_up(
+        self, up_to: int | None = None, limit: int | None = None
+    ) -> list[Chunk | Gap]:
+        """Everything after the delivered seq up to ``up_to`` (default: the head) from history;
+        with ``limit``, at most that many seqs of it (the rest is for the next call)."""
+        end = up_to
+        if limit is not None:
+            end = (
+                self.delivered_seq + limit if end is None else min(end, self.delivered_seq + limit)
+            )
+        replay = await self.history.read_after(self.stream_id, self.delivered_seq, end)
+        self.head_seq = replay.head_seq
         last = replay.head_seq if up_to is None else up_to
+        if limit is not None:
+            last = min(last, self.delivered_seq + limit)
         items: list[Chunk | Gap] = []
         expected = self.delivered_seq + 1
         for seq, chunk_json in replay.entries:
@@ -139,6 +152,21 @@ class Follower:
     ended = False  # the closing frame went out (or the peer left): nothing more is sent
     released = False
 
+    # Flow control (see "Slow clients" in the README). A transport whose writes do not wait
+    # for the peer has a bound: a client that acks is paused at its window and catches up
+    # from history as acks come; one that does not is sent off to resume (4013).
+    flow_controlled: ClassVar[bool] = True
+    CATCH_UP_PAGE: ClassVar[int] = 256  # chunks read from history at a time
+    acking = False  # the client acks what it read (``?ack=1`` or its first ack frame)
+    acked_seq = 0
+    written_seq = 0  # the last seq written to the transport (a gap's end counts)
+    unread_bytes = 0  # written since the last sign of reading (an ack)
+    unacked_bytes = 0
+    frame_size = 0  # a running average of the chunk frames written
+    paused_since: float | None = None  # time.monotonic() when the window filled
+    closing: tuple[int, str, int] | None = None  # (code, reason, last_seq) of a close that waits
+    _unacked: deque[tuple[int, int]] | None = None  # (seq, bytes) written and not acked
+
     # -- StreamClient (the seed's IStreamClient) -------------------------------------------
 
     @property
@@ -166,7 +194,23 @@ class Follower:
 
     @property
     def delivered_seq(self) -> int:
+        """The last seq written to the transport."""
         return self.delivery.delivered_seq if self.delivery is not None else 0
+
+    @property
+    def read_seq(self) -> int:
+        """What the client is known to have read: its ack, or (when it does not ack) what was
+        written to it."""
+        return self.acked_seq if self.acking else self.delivered_seq
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_since is not None
+
+    @property
+    def position(self) -> tuple[int, int | None, bool]:
+        """(written seq, acked seq or None when it does not ack, paused), as stored."""
+        return self.delivered_seq, self.acked_seq if self.acking else None, self.paused
 
     # -- what a transport provides -----------------------------------------------------------
 
@@ -186,6 +230,7 @@ class Follower:
         try:
             stream = await authorize_subscribe(self.scope, self.stream_id)
             self.delivery = Delivery(manager.history, self.stream_id, last_seq)
+            self.written_seq = self.acked_seq = last_seq
             active, reason = stream.is_active, stream.close_reason
             if active:
                 await manager.register_client(self.stream_id, self)
@@ -195,15 +240,20 @@ class Follower:
                 await self.refuse(exc)
                 return False
             active, reason = False, exc.details.get("reason", "")
-        if not active:
-            await self.deliver(await self.delivery.catch_up())
-            await self.end(CloseCode.STREAM_GONE, reason)
+        if not active:  # what it missed, then closed (after its acks, if it is paused)
+            await self.fill()
+            self.closing = (CloseCode.STREAM_GONE, reason, self.delivery.head_seq)
+            await self.finish_closing()
             return False
-        items = await self.delivery.catch_up()
+        items = await self.delivery.catch_up(limit=self.CATCH_UP_PAGE)
+        head = max(self.delivery.head_seq, self.delivery.delivered_seq)
+        window = {"chunks": app_settings.CLIENT_WINDOW_CHUNKS,
+                  "bytes": app_settings.CLIENT_WINDOW_BYTES}  # fmt: skip
         text = frame(ServerFrame.SUBSCRIBED, stream_id=self.stream_id, client_id=self.client_id,
-                     seq=self.delivery.delivered_seq)  # fmt: skip
+                     seq=head, **({"window": window} if self.acking else {}))  # fmt: skip
         await self.write(ServerFrame.SUBSCRIBED, text, None)
         await self.deliver(items)
+        await self.fill(head)
         return True
 
     async def refuse(self, exc: GMIError) -> None:
@@ -255,11 +305,19 @@ class Follower:
         await handler(event)
 
     async def stream_chunk(self, event: dict[str, Any]) -> None:
-        if self.ended or self.delivery is None:
-            return
-        await self.deliver(await self.delivery.receive(event["seq"], event["chunk"]))
+        delivery, seq = self.delivery, event["seq"]
+        if self.ended or delivery is None or seq <= delivery.delivered_seq or self.paused:
+            return  # a paused client reads it from history when its acks make room
+        chunk_json = event.get("chunk")  # absent for a big chunk: it is read from history
+        if chunk_json is None:
+            await self.fill(seq)
+        else:
+            if seq > delivery.delivered_seq + 1:  # events went missing: history has them
+                await self.fill(seq - 1)
+            if not (self.ended or self.paused) and delivery.delivered_seq == seq - 1:
+                await self.deliver(await delivery.receive(seq, chunk_json))
         pushed_at = event.get("at")  # the producer's clock at push_chunk
-        if pushed_at is not None and not self.ended:
+        if pushed_at is not None and self.written_seq >= seq and not self.ended:
             metrics.DELIVERY_SECONDS.labels(self.transport).observe(
                 max(0.0, time.time() - float(pushed_at))
             )
@@ -267,16 +325,31 @@ class Follower:
     async def stream_closed(self, event: dict[str, Any]) -> None:
         if self.ended or self.delivery is None:
             return
-        await self.deliver(await self.delivery.catch_up(event["last_seq"]))
-        await self.end(event.get("code", CloseCode.STREAM_CLOSED), event["reason"])
+        self.closing = (event.get("code", CloseCode.STREAM_CLOSED), event["reason"],
+                        event["last_seq"])  # fmt: skip
+        await self.fill(event["last_seq"])
+        await self.finish_closing()
 
     async def stream_sync(self, event: dict[str, Any]) -> None:
-        """The sweeper saw us behind the head or open on a closed stream: catch up."""
+        """The sweeper saw us behind the head or open on a closed stream: catch up. A client
+        paused for longer than ``CLIENT_TIMEOUT_SECONDS`` without an ack is sent off."""
         if self.ended or self.delivery is None:
             return
-        await self.deliver(await self.delivery.catch_up(event["head_seq"]))
-        if event["closed"]:
-            await self.end(CloseCode.STREAM_CLOSED, event["reason"])
+        if event["closed"] and self.closing is None:
+            self.closing = (CloseCode.STREAM_CLOSED, event["reason"], event["head_seq"])
+        if self.paused_since is not None:
+            waited = time.monotonic() - self.paused_since
+            if waited > app_settings.CLIENT_TIMEOUT_SECONDS:
+                await self.too_far_behind(f"no ack for {waited:.0f} s")
+            return
+        await self.fill(event["head_seq"])
+        await self.finish_closing()
+
+    async def finish_closing(self) -> None:
+        """End with the close that came (``closed``), unless the client is paused: then its
+        acks finish it (or it is sent off)."""
+        if self.closing is not None and not self.paused:
+            await self.end(self.closing[0], self.closing[1])
 
     async def stream_deregistered(self, event: dict[str, Any]) -> None:
         """The manager removed us (its row is gone): say why and end."""
@@ -287,19 +360,117 @@ class Follower:
     # -- sending -------------------------------------------------------------------------------
 
     async def deliver(self, items: list[Chunk | Gap]) -> None:
-        """Send chunk and gap frames; a failed send goes to the send-error policy."""
-        for kind, seq, text in item_frames(items):
+        """Send chunk and gap frames while the client has room (the rest stays in history);
+        a failed send goes to the send-error policy."""
+        for item, (kind, seq, text) in zip(items, item_frames(items), strict=True):
             if self.ended:
+                return
+            size = len(text) if text.isascii() else len(text.encode())
+            if seq is not None and not self.has_room(size):
+                assert self.delivery is not None
+                self.delivery.delivered_seq = self.written_seq  # from here on, from history
+                await self.hold_back()
                 return
             try:
                 await self.write(kind, text, seq)
             except Exception as exc:
                 await self.send_failed(exc)
                 return
-            if kind is ServerFrame.CHUNK:
+            self.written_seq = item.seq if isinstance(item, Chunk) else item.to_seq
+            if seq is not None:
+                self.wrote(seq, size)
                 metrics.DELIVERED.labels(self.transport).inc()
-            elif kind is ServerFrame.GAP:
+            else:
                 metrics.GAP_FRAMES.inc()
+
+    async def fill(self, up_to: int | None = None) -> None:
+        """Send what history holds after the written seq up to ``up_to`` (default: the head),
+        a page at a time, while the client has room."""
+        delivery = self.delivery
+        assert delivery is not None
+        while not self.ended and not self.paused:
+            items = await delivery.catch_up(up_to, limit=self.room())
+            await self.deliver(items)
+            if not items or delivery.delivered_seq >= (
+                delivery.head_seq if up_to is None else up_to
+            ):
+                return
+
+    # -- flow control ----------------------------------------------------------------------------
+
+    def has_room(self, size: int) -> bool:
+        """Whether a chunk frame of ``size`` bytes may be written now."""
+        if not self.flow_controlled:
+            return True
+        if self.acking:
+            unacked = self.written_seq - self.acked_seq
+            return unacked <= 0 or (
+                unacked < app_settings.CLIENT_WINDOW_CHUNKS
+                and self.unacked_bytes + size <= app_settings.CLIENT_WINDOW_BYTES
+            )
+        return (
+            self.unread_bytes == 0
+            or self.unread_bytes + size <= app_settings.CLIENT_MAX_UNREAD_BYTES
+        )
+
+    def room(self) -> int:
+        """How many chunks to read from history for the next write: a page, or what the
+        client's window still holds (by count, and by bytes at the average frame size)."""
+        if not self.flow_controlled:
+            return self.CATCH_UP_PAGE
+        if self.acking:
+            chunks = app_settings.CLIENT_WINDOW_CHUNKS - (self.written_seq - self.acked_seq)
+            free = app_settings.CLIENT_WINDOW_BYTES - self.unacked_bytes
+        else:
+            chunks, free = (
+                self.CATCH_UP_PAGE,
+                app_settings.CLIENT_MAX_UNREAD_BYTES - self.unread_bytes,
+            )
+        by_size = free // self.frame_size + 1 if self.frame_size else self.CATCH_UP_PAGE
+        return max(1, min(self.CATCH_UP_PAGE, chunks, by_size))
+
+    def wrote(self, seq: int, size: int) -> None:
+        self.frame_size = size if not self.frame_size else (3 * self.frame_size + size) // 4
+        self.unread_bytes += size
+        if self.acking:
+            if self._unacked is None:
+                self._unacked = deque()
+            self._unacked.append((seq, size))
+            self.unacked_bytes += size
+
+    async def hold_back(self) -> None:
+        """No room: a client that acks is paused; one that does not is sent off to resume."""
+        if not self.acking:
+            await self.too_far_behind(f"{self.unread_bytes} bytes written without an ack")
+        elif self.paused_since is None:
+            self.paused_since = time.monotonic()
+            logger.info("client %s of stream %s paused at seq %d (acked %d)", self.client_id,
+                        self.stream_id, self.written_seq, self.acked_seq)  # fmt: skip
+
+    async def acked(self, seq: int) -> None:
+        """The client read every chunk up to ``seq``: its window moves, and a paused client
+        goes on from history. Raises ``StreamError(INVALID_ARGUMENT)`` for a seq not sent."""
+        if seq > self.written_seq:
+            raise StreamError(GMIErrorCode.INVALID_ARGUMENT,
+                              f"ack of seq {seq}, but only {self.written_seq} was sent",
+                              stream_id=self.stream_id)  # fmt: skip
+        self.acking = True
+        self.unread_bytes = 0
+        if seq > self.acked_seq:
+            self.acked_seq = seq
+            while self._unacked and self._unacked[0][0] <= seq:
+                self.unacked_bytes -= self._unacked.popleft()[1]
+        if self.paused_since is not None and self.has_room(0):
+            self.paused_since = None
+            await self.fill(self.closing[2] if self.closing else None)
+            await self.finish_closing()
+
+    async def too_far_behind(self, why: str) -> None:
+        """Send the client off with ``reconnect`` and 4013: it resumes from its last seq."""
+        logger.warning("client %s of stream %s is too far behind (%s): sent off at seq %d",
+                       self.client_id, self.stream_id, why, self.delivered_seq)  # fmt: skip
+        metrics.TOO_FAR_BEHIND.labels(self.transport).inc()
+        await self.end(CloseCode.TOO_FAR_BEHIND, f"too far behind: {why}; resume from last_seq")
 
     async def send_failed(self, exc: BaseException, *, inline: bool = False) -> None:
         if self.worker is not None:
@@ -313,7 +484,8 @@ class Follower:
         if self.ended:
             return
         self.ended = True
-        kind = ServerFrame.RECONNECT if code == CloseCode.SERVICE_RESTART else ServerFrame.CLOSED
+        resume = code in (CloseCode.SERVICE_RESTART, CloseCode.TOO_FAR_BEHIND)
+        kind = ServerFrame.RECONNECT if resume else ServerFrame.CLOSED
         try:
             await self.write(kind, frame(kind, reason=reason, last_seq=self.delivered_seq), None)
         except Exception as exc:
@@ -360,6 +532,7 @@ class ChannelBridge(Follower):
     """
 
     transport = "python"
+    flow_controlled = False  # each send is awaited: the client sets the pace
 
     def __init__(self, stream_id: str, client: StreamClient, layer: ChannelLayer,
                  history: History) -> None:  # fmt: skip
@@ -407,8 +580,7 @@ class ChannelBridge(Follower):
 
     async def _run(self) -> None:
         try:
-            assert self.delivery is not None
-            await self.deliver(await self.delivery.catch_up())
+            await self.fill()
             while not self.ended:
                 await self.dispatch_event(await self.inbox.get())
         except asyncio.CancelledError:

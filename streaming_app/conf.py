@@ -35,6 +35,16 @@ DEFAULTS: dict[str, Any] = {
     # Chunks and client frames.
     "MAX_CHUNK_BYTES": 64 * 1024,
     "MAX_CLIENT_FRAME_BYTES": 4096,
+    # A chunk up to this size travels inside its channel-layer event; a bigger one is
+    # announced by its seq and read from the history by each worker's followers.
+    "INLINE_CHUNK_BYTES": 4096,
+    # Slow clients. A client that acks (``?ack=1`` or its first ``ack`` frame) has at most this
+    # many chunks / bytes written and not acked; beyond, it is paused and catches up from
+    # history as its acks come. A client that does not ack is sent off (``reconnect``, 4013)
+    # once this many bytes were written since its last ack (an SSE response: since it began).
+    "CLIENT_WINDOW_CHUNKS": 512,
+    "CLIENT_WINDOW_BYTES": 1024 * 1024,
+    "CLIENT_MAX_UNREAD_BYTES": 4 * 1024 * 1024,
     # Per-stream sequence numbers and history.
     "HISTORY_BACKEND": "streaming_app.history.MemoryHistory",
     "HISTORY_MAX_CHUNKS": 5000,
@@ -151,6 +161,22 @@ class AppSettings:
     @property
     def MAX_CLIENT_FRAME_BYTES(self) -> int:
         return int(self.get("MAX_CLIENT_FRAME_BYTES"))
+
+    @property
+    def INLINE_CHUNK_BYTES(self) -> int:
+        return int(self.get("INLINE_CHUNK_BYTES"))
+
+    @property
+    def CLIENT_WINDOW_CHUNKS(self) -> int:
+        return int(self.get("CLIENT_WINDOW_CHUNKS"))
+
+    @property
+    def CLIENT_WINDOW_BYTES(self) -> int:
+        return int(self.get("CLIENT_WINDOW_BYTES"))
+
+    @property
+    def CLIENT_MAX_UNREAD_BYTES(self) -> int:
+        return int(self.get("CLIENT_MAX_UNREAD_BYTES"))
 
     @property
     def HISTORY_BACKEND(self) -> str:

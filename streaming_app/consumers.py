@@ -59,6 +59,22 @@ def parse_last_seq(query_string: bytes | str, stream_id: str) -> int:
     return parse_seq(values[-1], stream_id)
 
 
+def parse_flag(query_string: bytes | str, name: str, stream_id: str) -> bool:
+    """A ``name=1`` / ``name=0`` switch of a query string, False when absent.
+
+    Raises ``StreamError(INVALID_ARGUMENT)`` for any other value.
+    """
+    if isinstance(query_string, bytes):
+        query_string = query_string.decode("latin-1")
+    values = parse_qs(query_string, keep_blank_values=True).get(name)
+    if not values:
+        return False
+    if values[-1] not in ("0", "1"):
+        message = f"{name} must be 1 or 0, not {values[-1][:40]!r}"
+        raise StreamError(GMIErrorCode.INVALID_ARGUMENT, message, stream_id=stream_id)
+    return values[-1] == "1"
+
+
 class StreamConsumer(Follower, AsyncWebsocketConsumer):
     """A browser (or any WebSocket peer) following one stream."""
 
@@ -85,8 +101,10 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
         self.stream_id = self.scope["url_route"]["kwargs"]["stream_id"]
         self.client_id = f"ws-{uuid.uuid4().hex}"
         await self.accept()
+        query = self.scope.get("query_string", b"")
         try:
-            last_seq = parse_last_seq(self.scope.get("query_string", b""), self.stream_id)
+            last_seq = parse_last_seq(query, self.stream_id)
+            self.acking = parse_flag(query, "ack", self.stream_id)
         except StreamError as exc:
             await self.refuse(exc)
             return
@@ -125,14 +143,26 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
         except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
             message = None
         kind = message.get("type") if isinstance(message, dict) else None
-        if kind == ClientFrame.PING:
+        if kind == ClientFrame.ACK and self.delivery is not None:
+            assert isinstance(message, dict)
+            seq = message.get("seq")
+            try:
+                if isinstance(seq, bool) or not isinstance(seq, int):
+                    message = "an ack's seq must be an integer"
+                    raise StreamError(GMIErrorCode.INVALID_ARGUMENT, message,
+                                      stream_id=self.stream_id)  # fmt: skip
+                await self.acked(seq)
+            except StreamError as exc:
+                await self.send(text_data=frame(ServerFrame.ERROR, code="bad_frame",
+                                                message=exc.message))  # fmt: skip
+        elif kind == ClientFrame.PING:
             await self.send(text_data=frame(ServerFrame.PONG))
         elif kind == ClientFrame.CANCEL and self.registered:
             await self.cancel()
         else:
             await self.send(text_data=frame(
                 ServerFrame.ERROR, code="bad_frame",
-                message="expected a JSON object with type 'ping' or 'cancel'",
+                message="expected a JSON object with type 'ack', 'ping' or 'cancel'",
             ))  # fmt: skip
 
     async def cancel(self) -> None:

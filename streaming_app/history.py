@@ -30,6 +30,7 @@ class StreamState:
     closed: bool
     close_reason: str
     last_activity: float  # time.time() of the last push (or of opening)
+    closed_at: float = 0.0  # time.time() of the close (0 while open)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ class MemoryHistory:
                 closed=stream.closed,
                 close_reason=stream.close_reason,
                 last_activity=stream.last_activity,
+                closed_at=stream.closed_at,
             )
         return result
 

@@ -2,7 +2,9 @@
 
 A stream is the group ``streaming.<stream_id>``. Events:
 
-- ``stream.chunk``        ``{"seq", "chunk"}`` (chunk = its JSON text, encoded once by the producer)
+- ``stream.chunk``        ``{"seq", "chunk"?, "at"}`` (chunk = its JSON text, encoded once by the
+  producer; absent when over ``INLINE_CHUNK_BYTES``: followers read it from the history, so a
+  channel's backlog of big chunks holds their seqs, not their bytes)
 - ``stream.closed``       ``{"reason", "last_seq", "code"}``, also to ``streaming.<id>.control``
 - ``stream.deregistered`` ``{"stream_id", "reason", "code", "close"}`` sent to one client's
   channel: the manager removed it (``close``: a plain client's ``close()`` is called too)
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 
 from channels.exceptions import ChannelFull
 
+from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
 
 logger = logging.getLogger(__name__)
@@ -102,9 +105,10 @@ class StreamLayer:
             return None
 
     async def publish_chunk(self, stream_id: str, seq: int, chunk_json: str) -> None:
-        await self._call(stream_id, "group_send", group_name(stream_id), {
-            "type": CHUNK, "seq": seq, "chunk": chunk_json, "at": time.time(),
-        })  # fmt: skip
+        event: dict[str, Any] = {"type": CHUNK, "seq": seq, "at": time.time()}
+        if len(chunk_json) <= app_settings.INLINE_CHUNK_BYTES:
+            event["chunk"] = chunk_json
+        await self._call(stream_id, "group_send", group_name(stream_id), event)
 
     async def publish_closed(self, stream_id: str, reason: str, last_seq: int, code: int) -> None:
         event = {"type": CLOSED, "reason": reason, "last_seq": last_seq, "code": code}

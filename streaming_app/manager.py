@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
 DEFAULT_CLOSE_REASON = "Stream closed"
+TRANSCRIPT_PAGE = 500  # chunks read from history at a time to assemble a transcript
 
 __all__ = [
     "HISTORY_LOST_REASON",
@@ -427,11 +428,15 @@ class StreamingManager:
         """The closing stream's transcript, assembled from what the history holds."""
         if closed is None:  # the history lost it (a Redis restart): say so
             return Transcript(complete=False, history_lost=True)
-        try:
-            replay = await self.history.read_after(stream_id, 0)
-        except Exception as exc:
-            raise self._backend_error(stream_id, "history", exc) from exc
-        transcript = assemble(replay.entries)
+        transcript, after = Transcript(), 0
+        while after < closed.head_seq:  # a page at a time: a long reply is not read at once
+            up_to = min(closed.head_seq, after + TRANSCRIPT_PAGE)
+            try:
+                replay = await self.history.read_after(stream_id, after, up_to)
+            except Exception as exc:
+                raise self._backend_error(stream_id, "history", exc) from exc
+            assemble(replay.entries, transcript)
+            after = up_to
         if transcript.last_seq < closed.head_seq:  # the newest chunks are not held
             transcript.complete = False
         return transcript
@@ -496,7 +501,8 @@ class StreamingManager:
         return released
 
     async def get_client_lags(self, stream_id: str) -> dict[str, int]:
-        """How many chunks each client is behind the stream's head (as of the last sweep in
+        """How many chunks each client is behind the stream's head: the head minus what it
+        acked, or minus what was written to it when it does not ack (as of the last sweep in
         its process; this process's clients are current). Raises ``RESOURCE_NOT_FOUND``."""
         self.config  # noqa: B018  (raises NOT_INITIALIZED)
         if not await self.registry.stream_exists(stream_id):
@@ -505,10 +511,10 @@ class StreamingManager:
                 f"stream {stream_id!r} does not exist",
                 stream_id=stream_id,
             )
-        delivered = await self.registry.delivered_seqs(stream_id)
+        delivered = await self.registry.read_seqs(stream_id)
         for (sid, client_id), follower in self.worker.followers.items():
             if sid == stream_id and client_id in delivered:
-                delivered[client_id] = follower.delivered_seq
+                delivered[client_id] = follower.read_seq
         state = (await self.history.states([stream_id])).get(stream_id)
         head = state.head_seq if state else 0
         return {client_id: max(0, head - seq) for client_id, seq in delivered.items()}

@@ -65,11 +65,16 @@ REFUSALS = Counter(
     "streaming_refusals", "Clients refused or failed with an error frame, by close code",
     ["code"], registry=REGISTRY,
 )  # fmt: skip
+TOO_FAR_BEHIND = Counter(
+    "streaming_clients_too_far_behind", "Clients sent off (4013) for not reading or acking",
+    ["transport"], registry=REGISTRY,
+)  # fmt: skip
 # Every label value known up front is exported from the start (0, not absent).
 TRANSPORTS = ("websocket", "sse", "ag-ui", "ai-sdk", "python")
 for _transport in TRANSPORTS:
     DELIVERED.labels(_transport)
     DELIVERY_SECONDS.labels(_transport)
+    TOO_FAR_BEHIND.labels(_transport)
 for _code in CloseCode:
     if _code >= 4400:  # the refusals and failures: error frame, then this close code
         REFUSALS.labels(str(int(_code)))
@@ -94,10 +99,13 @@ COUNTERS = {
 class Snapshot:
     """What is measured at scrape time: it needs awaiting, so it is taken before rendering."""
 
-    def __init__(self, active_streams: int, clients: dict[str, int], lags: list[int]) -> None:
+    def __init__(
+        self, active_streams: int, clients: dict[str, int], lags: list[int], paused: int = 0
+    ) -> None:
         self.active_streams = active_streams
         self.clients = clients
         self.lags = lags
+        self.paused = paused
 
 
 @database_sync_to_async
@@ -112,11 +120,12 @@ async def take_snapshot(manager: StreamingManager) -> Snapshot:
         clients[follower.transport] = clients.get(follower.transport, 0) + 1
     states = await manager.history.states({f.stream_id for f in followers})
     lags = [
-        max(0, states[f.stream_id].head_seq - f.delivered_seq)
+        max(0, states[f.stream_id].head_seq - f.read_seq)
         for f in followers
         if f.stream_id in states
     ]
-    return Snapshot(await _active_streams(), clients, lags)
+    paused = sum(1 for f in followers if f.paused)
+    return Snapshot(await _active_streams(), clients, lags, paused)
 
 
 class ManagerCollector(Collector):
@@ -147,13 +156,19 @@ class ManagerCollector(Collector):
         for transport, count in sorted(snapshot.clients.items()):
             clients.add_metric([transport], count)
         yield clients
+        yield GaugeMetricFamily(
+            "streaming_clients_paused",
+            "This worker's clients paused by flow control (their window of unacked chunks is full)",
+            value=snapshot.paused,
+        )
         buckets, total = [], 0
         for bound in LAG_BUCKETS:
             buckets.append((str(bound), sum(1 for lag in snapshot.lags if lag <= bound)))
         buckets.append(("+Inf", len(snapshot.lags)))
         total = sum(snapshot.lags)
         yield HistogramMetricFamily(
-            "streaming_client_lag_chunks", "This worker's clients' lag (head seq - delivered)",
+            "streaming_client_lag_chunks",
+            "This worker's clients' lag (head seq - acked, or - written when it does not ack)",
             buckets=buckets, sum_value=total,
         )  # fmt: skip
         yield from REGISTRY.collect()

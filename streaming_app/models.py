@@ -128,7 +128,17 @@ class StreamClient(models.Model):
     )
     connected_at = models.DateTimeField(_("connected since"), default=timezone.now)
     last_seen_at = models.DateTimeField(_("last seen"), default=timezone.now)
-    delivered_seq = models.PositiveBigIntegerField(_("delivered seq"), default=0)
+    delivered_seq = models.PositiveBigIntegerField(
+        _("written seq"), default=0, help_text=_("The last seq written to the client.")
+    )
+    acked_seq = models.PositiveBigIntegerField(
+        _("acked seq"), null=True, blank=True,
+        help_text=_("The last seq the client acknowledged reading; empty when it does not ack."),
+    )  # fmt: skip
+    paused = models.BooleanField(
+        _("paused"), default=False,
+        help_text=_("Flow control holds its chunks back until it acks what it was sent."),
+    )  # fmt: skip
     send_failures = models.PositiveIntegerField(_("send failures"), default=0)
 
     class Meta:

@@ -11,18 +11,21 @@ from typing import Any
 
 
 class ServerFrame(StrEnum):
-    SUBSCRIBED = "subscribed"  # {"client_id", "stream_id", "seq"}: seq = last seq pushed so far
+    # {"client_id", "stream_id", "seq", "window"?}: seq = last seq pushed so far; with ?ack=1,
+    # window = {"chunks", "bytes"}: how far the server sends ahead of the client's acks
+    SUBSCRIBED = "subscribed"
     CHUNK = "chunk"  # {"seq", "chunk"}
     GAP = "gap"  # {"from_seq", "to_seq"}: chunks history no longer holds
     CLOSED = "closed"  # {"reason", "last_seq"}
     ERROR = "error"  # {"code", "message"}: a problem with the client's request
     PONG = "pong"  # answer to a client "ping"
-    RECONNECT = "reconnect"  # {"reason", "last_seq"}: the server is going; come back with it
+    RECONNECT = "reconnect"  # {"reason", "last_seq"}: come back with last_seq (4012, 4013)
 
 
 class ClientFrame(StrEnum):
     PING = "ping"
     CANCEL = "cancel"
+    ACK = "ack"  # {"seq"}: every chunk up to seq was read (turns flow control on)
 
 
 class CloseCode(IntEnum):
@@ -34,6 +37,7 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000  # the client asked to close
     SERVICE_RESTART = 4012  # deploy/worker shutdown: reconnect later with last_seq
+    TOO_FAR_BEHIND = 4013  # the client did not read (or ack) in time: reconnect with last_seq
     MESSAGE_TOO_BIG = 4413  # a client frame over MAX_CLIENT_FRAME_BYTES
     STREAM_CLOSED = 4000  # the stream was closed; the closed frame has the reason
     BAD_REQUEST = 4400  # malformed URL or query (e.g. last_seq not an integer)

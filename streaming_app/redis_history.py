@@ -30,7 +30,8 @@ OPEN_TTL_SECONDS = 24 * 3600
 POOL_TIMEOUT_SECONDS = 20
 
 APPEND = """
--- ARGV: 1 time, 2 max chunks, 3 ttl, 4 take failures, 5 publish to, 6.. the chunks
+-- ARGV: 1 time, 2 max chunks, 3 ttl, 4 take failures, 5 publish to, 6 inline bytes, 7.. the
+-- chunks
 local meta, log, fail = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('EXISTS', meta) == 0 then return {-1} end
 if redis.call('HGET', meta, 'closed') == '1' then
@@ -47,14 +48,17 @@ if ARGV[4] == '1' then
 end
 local seq = 0
 local refresh = false
-for i = 6, #ARGV do
+local inline = tonumber(ARGV[6])
+for i = 7, #ARGV do
   seq = redis.call('HINCRBY', meta, 'head', 1)
   redis.call('XADD', log, 'MAXLEN', ARGV[2], seq .. '-0', 't', ARGV[1], 'c', ARGV[i])
   if seq % 64 == 1 then refresh = true end
   if ARGV[5] ~= '' then
     -- fan-out in the same round trip: the event as channels_redis's pub/sub layer sends it
-    -- (plus 'at', the push time, for the delivery latency metric)
-    local event = {type = 'stream.chunk', seq = seq, chunk = ARGV[i], at = ARGV[1]}
+    -- (plus 'at', the push time, for the delivery latency metric); a chunk over the inline
+    -- size is announced by its seq only: its followers read it from the history
+    local event = {type = 'stream.chunk', seq = seq, at = ARGV[1]}
+    if #ARGV[i] <= inline then event['chunk'] = ARGV[i] end
     redis.call('PUBLISH', ARGV[5], cmsgpack.pack(event))
   end
 end
@@ -187,7 +191,7 @@ class RedisHistory:
         _, append, _ = self._client()
         args: list[str | int | float] = [
             time.time(), self.max_chunks, OPEN_TTL_SECONDS, int(take_failures), publish_to,
-            *chunk_jsons,
+            app_settings.INLINE_CHUNK_BYTES, *chunk_jsons,
         ]  # fmt: skip
         result: list[Any] = await append(keys=_keys(stream_id), args=args)
         status = int(result[0])
@@ -245,13 +249,15 @@ class RedisHistory:
         async with client.pipeline(transaction=False) as pipe:
             for stream_id in ids:
                 meta, log, _ = _keys(stream_id)
-                pipe.hmget(meta, ["head", "closed", "reason", "last_activity"])
+                pipe.hmget(meta, ["head", "closed", "reason", "last_activity", "closed_at"])
                 pipe.xrange(log, min="-", max="+", count=1)
             replies = await pipe.execute()
         result = {}
         cutoff = time.time() - self.max_age_seconds
         for index, stream_id in enumerate(ids):
-            (head, closed, reason, last_activity), first = replies[2 * index : 2 * index + 2]
+            (head, closed, reason, last_activity, closed_at), first = replies[
+                2 * index : 2 * index + 2
+            ]
             if head is None:
                 continue
             head_seq = int(head)
@@ -264,6 +270,7 @@ class RedisHistory:
                 closed=_text(closed) == "1",
                 close_reason=_text(reason or b""),
                 last_activity=float(last_activity or 0),
+                closed_at=float(closed_at or 0),
             )
         return result
 

@@ -16,12 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from .exceptions import GMIErrorCode, StreamError
 from .history import StreamState
 from .models import ClusterLease, Stream, StreamClient, StreamTranscript, StreamWorker
 from .transcripts import Transcript
+
+# A client's position as its worker stores it: (written seq, acked seq or None, paused).
+Position = tuple[int, int | None, bool]
 
 if TYPE_CHECKING:  # channels is untyped; its wrapper has asgiref's signature
     from asgiref.sync import sync_to_async as database_sync_to_async
@@ -360,10 +364,12 @@ class Registry:
         return StreamClient.objects.filter(stream_id=stream_id).count()
 
     @database_sync_to_async
-    def delivered_seqs(self, stream_id: str) -> dict[str, int]:
-        """Each client's delivered seq as of its worker's last heartbeat."""
+    def read_seqs(self, stream_id: str) -> dict[str, int]:
+        """What each client read (its ack, else what was written to it) as of its worker's
+        last heartbeat."""
         rows = StreamClient.objects.filter(stream_id=stream_id)
-        return dict(rows.values_list("client_id", "delivered_seq"))
+        read = Coalesce("acked_seq", "delivered_seq")
+        return dict(rows.annotate(read=read).values_list("client_id", "read"))
 
     @database_sync_to_async
     def add_send_failure(self, stream_id: str, client_id: str) -> None:
@@ -376,7 +382,7 @@ class Registry:
         self,
         worker_id: str,
         held: set[tuple[str, str]],
-        positions: dict[tuple[str, str], int],
+        positions: dict[tuple[str, str], Position],
         held_at: datetime,
     ) -> set[tuple[str, str]]:
         """Mark the worker alive, store clients' positions, delete its rows for clients it
@@ -393,12 +399,14 @@ class Registry:
                 StreamClient.objects.filter(pk__in=stale).delete()
             now = timezone.now()
             moved = [
-                StreamClient(pk=present[key], delivered_seq=seq, last_seen_at=now)
-                for key, seq in positions.items()
+                StreamClient(pk=present[key], delivered_seq=written, acked_seq=acked,
+                             paused=paused, last_seen_at=now)
+                for key, (written, acked, paused) in positions.items()
                 if key in present
-            ]
-            StreamClient.objects.bulk_update(moved, ["delivered_seq", "last_seen_at"],
-                                             batch_size=500)  # fmt: skip
+            ]  # fmt: skip
+            StreamClient.objects.bulk_update(
+                moved, ["delivered_seq", "acked_seq", "paused", "last_seen_at"], batch_size=500
+            )
             missing = held - set(present)
             if missing:  # a closed stream's rows went with the close: not lost, closing
                 active = set(

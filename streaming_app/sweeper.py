@@ -133,7 +133,9 @@ class Sweeper:
         now = time.time()
         for stream in active:
             state = states.get(stream.id)
-            if state is not None and state.closed:  # a close that stopped half-way
+            if state is not None and state.closed:  # a close under way, or one that stopped
+                if now - state.closed_at < timeout:  # its closer may still be at it
+                    continue
                 report.finished_closes.append(stream.id)
                 if not dry_run:
                     logger.warning("stream %s: finishing a close that stopped half-way", stream.id)

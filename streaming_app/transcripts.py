@@ -21,7 +21,9 @@ from typing import Any
 class Transcript:
     """The assembled reply of one stream."""
 
-    text: str = ""
+    # The text as parts, joined when read: a reply of thousands of deltas is assembled in
+    # linear time (``+=`` on an attribute copies the whole text each time).
+    text_parts: list[str] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     ui_commands: list[dict[str, Any]] = field(default_factory=list)
     progress: list[dict[str, Any]] = field(default_factory=list)
@@ -33,8 +35,20 @@ class Transcript:
     complete: bool = True  # every chunk from seq 1 to last_seq was assembled
     history_lost: bool = False
 
+    @property
+    def text(self) -> str:
+        if len(self.text_parts) > 1:
+            self.text_parts[:] = ["".join(self.text_parts)]
+        return self.text_parts[0] if self.text_parts else ""
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self.text_parts[:] = [value]
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["text_parts"]
+        return {"text": self.text, **data}
 
 
 def reduce(state: Transcript, seq: int, chunk: dict[str, Any]) -> Transcript:
@@ -47,7 +61,7 @@ def reduce(state: Transcript, seq: int, chunk: dict[str, Any]) -> Transcript:
     state.last_seq = seq
     kind = chunk.get("type")
     if kind == "text_delta":
-        state.text += chunk.get("text_delta", "")
+        state.text_parts.append(chunk.get("text_delta", ""))
     elif kind == "final_response":
         final = chunk.get("final_response_text")
         if final is not None:
@@ -82,9 +96,10 @@ def reduce(state: Transcript, seq: int, chunk: dict[str, Any]) -> Transcript:
     return state
 
 
-def assemble(entries: Iterable[tuple[int, str]]) -> Transcript:
-    """The transcript of ``(seq, chunk_json)`` entries in seq order (a history replay)."""
-    state = Transcript()
+def assemble(entries: Iterable[tuple[int, str]], state: Transcript | None = None) -> Transcript:
+    """The transcript of ``(seq, chunk_json)`` entries in seq order (a history replay), or
+    ``state`` with them folded in."""
+    state = Transcript() if state is None else state
     for seq, chunk_json in entries:
         reduce(state, seq, json.loads(chunk_json))
     return state

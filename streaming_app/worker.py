@@ -22,6 +22,7 @@ from .clients import ChannelBridge, Follower
 from .exceptions import StreamError
 from .history import StreamState
 from .protocol import CloseCode
+from .registry import Position
 
 if TYPE_CHECKING:
     from .manager import StreamingManager
@@ -45,7 +46,7 @@ class Worker:
         self.bridges: dict[str, dict[str, ChannelBridge]] = {}
         self.joining: set[Key] = set()  # registrations under way: their rows may exist already
         self._nudge_positions: dict[Key, int] = {}
-        self._saved_positions: dict[Key, int] = {}
+        self._saved_positions: dict[Key, Position] = {}
 
     def __len__(self) -> int:
         return len(self.followers)
@@ -121,7 +122,7 @@ class Worker:
         no longer holds, and send off clients whose rows are gone (4012, then they resume)."""
         held_at = timezone.now()
         held = {key: f for key, f in self.followers.items() if f.registered}
-        positions = {key: f.delivered_seq for key, f in held.items()}
+        positions = {key: f.position for key, f in held.items()}
         moved = {k: p for k, p in positions.items() if self._saved_positions.get(k) != p}
         missing = await self.manager.registry.heartbeat(
             self.id, set(held) | self.joining, moved, held_at
@@ -156,16 +157,19 @@ class Worker:
             if state is None:  # history forgot the stream: nothing more can come; say so
                 state = StreamState(0, 1, True, HISTORY_LOST_REASON, 0.0)
             stalled = position < state.head_seq and self._nudge_positions.get(key) == position
-            if not (state.closed or stalled):
-                continue
             follower = self.followers.get(key)
             if follower is None:
                 continue
-            logger.warning(
-                "client %s of stream %s is at seq %d of %d%s: nudging it",
-                key[1], key[0], position, state.head_seq, " (closed)" if state.closed else "",
-            )  # fmt: skip
-            self.manager.stats["clients_nudged"] += 1
+            # On a closed stream, a client that knows of the close and is still catching up
+            # (at its own pace, with flow control) is left alone while it moves.
+            if not (stalled or (state.closed and follower.closing is None)):
+                continue
+            if not follower.paused:  # a paused one is behind on purpose (its timeout is checked)
+                logger.warning(
+                    "client %s of stream %s is at seq %d of %d%s: nudging it",
+                    key[1], key[0], position, state.head_seq, " (closed)" if state.closed else "",
+                )  # fmt: skip
+                self.manager.stats["clients_nudged"] += 1
             with contextlib.suppress(StreamError):
                 await self.manager.layer.nudge(
                     key[0], follower.channel_name, state.head_seq, state.closed, state.close_reason

@@ -11,10 +11,15 @@ from typing import Any
 
 import pytest
 from channels.layers import channel_layers
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import AnonymousUser
+from django.contrib.sessions.backends.db import SessionStore
 
 from streaming_app import manager as manager_module
 from streaming_app.chunks import AgentOSResponse, TextDeltaChunk
 from streaming_app.manager import StreamingManager, get_streaming_manager
+from streaming_app.routing import websocket_urlpatterns
 
 from .servers import (
     SETTINGS,
@@ -159,3 +164,57 @@ def _no_lingering_connections(django_db_setup: None, django_db_blocker: Any) -> 
             [connection.settings_dict["NAME"]],
         )
     connection.close()
+
+
+class Peer:
+    """A connected WebSocket peer and what it has received."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.communicator = communicator
+
+    async def frame(self, timeout: float = 2) -> dict[str, Any]:
+        output = await self.communicator.receive_output(timeout)
+        if output["type"] == "websocket.close":
+            raise AssertionError(f"socket closed with {output.get('code')}")
+        return json.loads(output["text"])  # type: ignore[no-any-return]
+
+    async def frames_until_close(self, timeout: float = 2) -> tuple[list[dict[str, Any]], int]:
+        frames: list[dict[str, Any]] = []
+        while True:
+            output = await self.communicator.receive_output(timeout)
+            if output["type"] == "websocket.close":
+                return frames, output.get("code", 1000)
+            frames.append(json.loads(output["text"]))
+
+    async def send(self, data: Any) -> None:
+        await self.communicator.send_to(
+            text_data=data if isinstance(data, str) else json.dumps(data)
+        )
+
+    async def silent(self) -> bool:
+        return bool(await self.communicator.receive_nothing(timeout=0.1))
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[list[WebsocketCommunicator]]:
+    opened: list[WebsocketCommunicator] = []
+    yield opened
+    for communicator in opened:
+        await communicator.disconnect()
+
+
+@pytest.fixture
+def connect(peers: list[WebsocketCommunicator], session_key: str) -> Any:
+    async def connect(
+        stream_id: str, *, query: str = "", user: Any = None, session: str | None = None
+    ) -> Peer:
+        path = f"/ws/streams/{stream_id}/" + (f"?{query}" if query else "")
+        communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), path)
+        communicator.scope["user"] = user or AnonymousUser()
+        communicator.scope["session"] = SessionStore(session_key=session or session_key)
+        connected, _ = await communicator.connect()
+        assert connected
+        peers.append(communicator)
+        return Peer(communicator)
+
+    return connect

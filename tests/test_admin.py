@@ -176,7 +176,14 @@ async def test_change_page_shows_lag_and_says_when_history_lacks_the_chunks() ->
     client = await sync_to_async(superuser)()
     url = f"{CHANGELIST}s-1/change/"
     page = (await sync_to_async(client.get)(url)).content.decode()
-    assert re.search(r'class="field-lag">\s*<p>2</p>', page), "3 pushed, 1 delivered: lag 2"
+    assert re.search(r'class="field-lag">\s*<p>2 \(not acked: written\)</p>', page), (
+        "3 pushed, 1 written to a client that does not ack: lag 2, marked"
+    )
+    await StreamClient.objects.filter(client_id="tab-1").aupdate(delivered_seq=3, acked_seq=1,
+                                                                  paused=True)  # fmt: skip
+    page = (await sync_to_async(client.get)(url)).content.decode()
+    assert re.search(r'class="field-lag">\s*<p>2</p>', page), "3 pushed, 1 acked: lag 2"
+    assert re.search(r'class="field-paused">\s*<p><img [^>]*alt="True"', page), page
     # Another process's memory history: the row knows chunks were pushed, history has none.
     await manager.sweep()
     await manager.history.forget(stream_id)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
-from channels.testing import WebsocketCommunicator
-from django.contrib.auth.models import AnonymousUser, Permission, User
+from django.contrib.auth.models import Permission, User
 from django.contrib.sessions.backends.db import SessionStore
 from django.test import override_settings
 
@@ -22,65 +19,11 @@ from streaming_app.models import StreamClient as StreamClientRow
 from streaming_app.protocol import CloseCode
 from streaming_app.routing import websocket_urlpatterns
 
-from .conftest import delta, eventually
+from .conftest import Peer, delta, eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 application = URLRouter(websocket_urlpatterns)
-
-
-class Peer:
-    """A connected WebSocket peer and what it has received."""
-
-    def __init__(self, communicator: WebsocketCommunicator) -> None:
-        self.communicator = communicator
-
-    async def frame(self, timeout: float = 2) -> dict[str, Any]:
-        output = await self.communicator.receive_output(timeout)
-        if output["type"] == "websocket.close":
-            raise AssertionError(f"socket closed with {output.get('code')}")
-        return json.loads(output["text"])  # type: ignore[no-any-return]
-
-    async def frames_until_close(self, timeout: float = 2) -> tuple[list[dict[str, Any]], int]:
-        frames: list[dict[str, Any]] = []
-        while True:
-            output = await self.communicator.receive_output(timeout)
-            if output["type"] == "websocket.close":
-                return frames, output.get("code", 1000)
-            frames.append(json.loads(output["text"]))
-
-    async def send(self, data: Any) -> None:
-        await self.communicator.send_to(
-            text_data=data if isinstance(data, str) else json.dumps(data)
-        )
-
-    async def silent(self) -> bool:
-        return bool(await self.communicator.receive_nothing(timeout=0.1))
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[list[WebsocketCommunicator]]:
-    opened: list[WebsocketCommunicator] = []
-    yield opened
-    for communicator in opened:
-        await communicator.disconnect()
-
-
-@pytest.fixture
-def connect(peers: list[WebsocketCommunicator], session_key: str) -> Any:
-    async def connect(
-        stream_id: str, *, query: str = "", user: Any = None, session: str | None = None
-    ) -> Peer:
-        path = f"/ws/streams/{stream_id}/" + (f"?{query}" if query else "")
-        communicator = WebsocketCommunicator(application, path)
-        communicator.scope["user"] = user or AnonymousUser()
-        communicator.scope["session"] = SessionStore(session_key=session or session_key)
-        connected, _ = await communicator.connect()
-        assert connected
-        peers.append(communicator)
-        return Peer(communicator)
-
-    return connect
 
 
 @pytest.fixture

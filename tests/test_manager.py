@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from streaming_app.chunks import ErrorChunk, FinalResponseChunk, TextDeltaChunk
-from streaming_app.conf import StreamingManagerConfig
+from streaming_app.conf import StreamingManagerConfig, app_settings
 from streaming_app.exceptions import GMIError, GMIErrorCode, StreamError
 from streaming_app.manager import StreamingManager, get_streaming_manager
 from streaming_app.models import Stream, StreamClient, StreamWorker
@@ -557,6 +558,9 @@ async def test_a_close_stopped_after_the_history_is_finished_by_a_retry_or_the_s
             await manager.push_chunk(sid, delta(sid, "late"))
         assert info.value.code is GMIErrorCode.STREAM_CLOSED
     await manager.close_stream(first, "retried")  # a retry is not a silent no-op
+    assert (await manager.sweep()).finished_closes == []  # its closer may still be at it
+    later = time.time() + app_settings.CLIENT_TIMEOUT_SECONDS + 1
+    monkeypatch.setattr("streaming_app.sweeper.time.time", lambda: later)
     report = await manager.sweep()  # the sweeper finishes the other one
     assert report.finished_closes == [second]
     await eventually(lambda: all(c.closed_reasons for c in clients.values()))

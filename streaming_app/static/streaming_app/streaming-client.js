@@ -7,10 +7,14 @@
  *   });
  *   client.connect();  client.cancel();  client.close();
  *
- * It reconnects with exponential back-off and full jitter after a dropped connection or a
- * server restart and resumes with ?last_seq=, so every chunk reaches onChunk exactly once, in
- * order. Options: lastSeq, minBackoffMs (250), maxBackoffMs (10000), fullRetryMs (60000),
- * random (a function returning [0, 1), default Math.random: the jitter's source).
+ * It reconnects with exponential back-off and full jitter after a dropped connection, a
+ * server restart (4012) or a send-off (4013) and resumes with ?last_seq=, so every chunk
+ * reaches onChunk exactly once, in order. It acks what onChunk has rendered (every ackEvery
+ * chunks, or ackIntervalMs after the last one): the server sends at most a window ahead of
+ * the acks, so a tab that cannot keep up is paused instead of costing the server memory.
+ * Options: lastSeq, minBackoffMs (250), maxBackoffMs (10000), fullRetryMs (60000),
+ * ackEvery (64), ackIntervalMs (100), random (a function returning [0, 1), default
+ * Math.random: the jitter's source).
  */
 (function (global) {
   "use strict";
@@ -42,12 +46,18 @@
     this.timer = null;
     this.fullRetryMs = options.fullRetryMs || FULL_RETRY_MS;
     this.fullSince = null;  // when a resuming client first found the stream full
+    this.ackEvery = options.ackEvery || 64;
+    this.ackIntervalMs = options.ackIntervalMs || 100;
+    this.acked = this.lastSeq;  // what the server was told this client read
+    this.ackTimer = null;
+    this.unackedBytes = 0;
+    this.ackBytes = 256 * 1024;  // a quarter of the server's window (from "subscribed")
   }
 
   StreamingClient.prototype.url = function () {
     var scheme = global.location.protocol === "https:" ? "wss://" : "ws://";
     return scheme + global.location.host + this.basePath +
-      encodeURIComponent(this.streamId) + "/?last_seq=" + this.lastSeq;
+      encodeURIComponent(this.streamId) + "/?ack=1&last_seq=" + this.lastSeq;
   };
 
   StreamingClient.prototype.emit = function (name) {
@@ -64,10 +74,14 @@
     var socket = new WebSocket(self.url());
     self.socket = socket;
     socket.onopen = function () { self.attempts = 0; };
-    socket.onmessage = function (event) { self.handle(JSON.parse(event.data)); };
+    socket.onmessage = function (event) {
+      self.unackedBytes += event.data.length;
+      self.handle(JSON.parse(event.data));
+    };
     socket.onclose = function (event) {
       if (self.socket !== socket) return;
       self.socket = null;
+      self.stopAcking();
       if (self.finished) return;
       var resuming = self.clientId !== undefined || self.lastSeq > 0;
       if (event.code === 4429 && resuming) {
@@ -105,6 +119,9 @@
   StreamingClient.prototype.handle = function (frame) {
     switch (frame.type) {
       case "subscribed":
+        this.acked = this.lastSeq;  // the server counts from the last_seq we came back with
+        this.unackedBytes = 0;
+        if (frame.window) this.ackBytes = Math.floor(frame.window.bytes / 4);
         this.clientId = frame.client_id;
         this.fullSince = null;
         this.emit("onStatus", "live");
@@ -113,10 +130,12 @@
         if (frame.seq !== null && frame.seq <= this.lastSeq) return; // already shown
         if (frame.seq !== null) this.lastSeq = frame.seq;
         this.emit("onChunk", frame.chunk, frame.seq);
+        if (frame.seq !== null) this.read();
         break;
       case "gap":
         this.lastSeq = Math.max(this.lastSeq, frame.to_seq);
         this.emit("onGap", frame.from_seq, frame.to_seq);
+        this.read();
         break;
       case "closed":
         this.finished = true;
@@ -124,12 +143,35 @@
         break;
       case "reconnect":
         this.lastSeq = Math.max(this.lastSeq, frame.last_seq);
-        this.emit("onStatus", "server restarting");
+        this.emit("onStatus", "resuming");  // a restart (4012) or a send-off (4013) follows
         break;
       case "error":
         this.emit("onError", frame.code, frame.message);
         break;
     }
+  };
+
+  /* Everything up to lastSeq was rendered: ack it now after ackEvery chunks, else soon. */
+  StreamingClient.prototype.read = function () {
+    var self = this;
+    if (self.lastSeq - self.acked >= self.ackEvery || self.unackedBytes >= self.ackBytes) {
+      self.ack();
+    } else if (self.ackTimer === null) {
+      self.ackTimer = global.setTimeout(function () { self.ack(); }, self.ackIntervalMs);
+    }
+  };
+
+  StreamingClient.prototype.ack = function () {
+    this.stopAcking();
+    if (this.lastSeq > this.acked && this.send({ type: "ack", seq: this.lastSeq })) {
+      this.acked = this.lastSeq;
+      this.unackedBytes = 0;
+    }
+  };
+
+  StreamingClient.prototype.stopAcking = function () {
+    if (this.ackTimer !== null) global.clearTimeout(this.ackTimer);
+    this.ackTimer = null;
   };
 
   StreamingClient.prototype.send = function (frame) {
@@ -146,6 +188,7 @@
   /* Stop following the stream; it goes on for others. */
   StreamingClient.prototype.close = function () {
     this.finished = true;
+    this.stopAcking();
     if (this.timer) global.clearTimeout(this.timer);
     if (this.socket) this.socket.close(1000);
   };
