@@ -4,28 +4,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .js_clients import node_ready, run_node
 from .servers import DaphneServer, manager_call
-from .test_agui import JS, PUSH_EVERY_TYPE, node_ready
+from .test_agui import EVERY_TYPE, push_code
 
 # Protocol and process behaviour, not the database's: the SQLite pass runs it (.ci/run).
 pytestmark = pytest.mark.database_independent
 
 
 async def resume_like_use_chat(url: str, chat_id: str) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        "node", str(JS / "ui-message-stream.mjs"), url, chat_id, cwd=JS,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, err.decode()
-    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+    return await run_node("ui-message-stream.mjs", url, chat_id)
 
 
 def headers_and_tail(url: str) -> tuple[dict[str, str], str]:
@@ -44,7 +38,7 @@ async def test_use_chat_resumes_a_reply_in_flight_and_gets_all_of_it(
         manager_call(env, f"await m.push_chunk({sid!r}, TextDeltaChunk(stream_id={sid!r}, "
                           "text_delta='Hi. '))")  # fmt: skip
         client = asyncio.create_task(resume_like_use_chat(url, sid))
-        await asyncio.to_thread(manager_call, env, PUSH_EVERY_TYPE.format(sid=sid))
+        await asyncio.to_thread(manager_call, env, push_code(sid, EVERY_TYPE))
         seen = await client
         headers, body = await asyncio.to_thread(headers_and_tail, url)
         log = server.log()
