@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from .js_clients import DroppingProxy, node_ready, run_node
 from .conftest import eventually
+from .js_clients import DroppingProxy, node_ready, run_node
 from .servers import DaphneServer, manager_call
 from .test_agui import EVERY_TYPE, push_code
 
