@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from .conftest import eventually
-from .js_clients import DroppingProxy, node_ready, run_node
+from .js_clients import JS, DroppingProxy, node_ready, run_node
 from .servers import DaphneServer, manager_call
 from .test_agui import EVERY_TYPE, push_code
 
@@ -126,3 +127,17 @@ async def test_many_drops_each_replay_and_the_message_is_whole_once(
     assert proxy.dropped == 4
     assert seen["messages"] == whole["messages"]
     assert "Traceback" not in log, log
+
+
+def test_the_demo_pages_bundle_is_what_the_pinned_lock_builds(tmp_path: Path) -> None:
+    """project/static/demo/aisdk-chat.js is committed: built again from tests/js (the versions
+    package-lock.json pins, esbuild among them) it must be the same bytes."""
+    node_ready()
+    committed = JS.parent.parent / "project" / "static" / "demo" / "aisdk-chat.js"
+    rebuilt = tmp_path / "aisdk-chat.js"
+    built = subprocess.run(["node", str(JS / "build.mjs"), str(rebuilt)], cwd=JS,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert rebuilt.read_bytes() == committed.read_bytes(), (
+        "the committed bundle differs from a build: run `npm run build --prefix tests/js`"
+    )
