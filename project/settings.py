@@ -145,6 +145,9 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# The demo's own static files: the /aisdk/ page's bundle of the `ai` package (built from
+# tests/js, `npm run build`), which is the demo's, not the reusable app's.
+STATICFILES_DIRS = [BASE_DIR / "project" / "static"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGIN_URL = "admin:login"
 

@@ -49,6 +49,14 @@ async def chat(request: HttpRequest) -> HttpResponse:
     return render(request, "chat.html", {"stream_id": request.GET.get("stream", "")})
 
 
+@require_GET
+async def aisdk_chat(request: HttpRequest) -> HttpResponse:
+    """The same chat read by a published client: the AI SDK's Chat over the UI message
+    stream (``?stream=<id>`` follows a reply in flight)."""
+    await visitor_session(request)
+    return render(request, "aisdk.html", {"stream_id": request.GET.get("stream", "")})
+
+
 @require_POST
 async def start_turn(request: HttpRequest) -> JsonResponse:
     """Start an agent turn for the posted ``message``; the new stream's id and socket path."""

@@ -2,8 +2,11 @@
 
 The same Follower as the other transports (authorisation, limits, resume, the one event
 handler): only the frames it writes are AG-UI events, built with the ``ag-ui-protocol``
-package's own types and ``EventEncoder`` (Server-Sent Events). Events that come from a chunk
-carry ``id: <seq>``, so ``Last-Event-ID`` (or ``?last_seq=N``) resumes after it. The run is
+package's own types and ``EventEncoder`` (Server-Sent Events). The last event of each chunk
+carries ``id: <seq>`` (the cursor moves once all of a chunk's events are in), so
+``Last-Event-ID`` (or ``?last_seq=N``) resumes after it: the response reads the stream from its
+start, the chunks the client has only rebuild its state (the open message, whether text was
+streamed, usage), and an open message is reopened with its own id before it goes on. The run is
 the stream: ``threadId`` and ``runId`` are the stream id. ``POST`` (what ``HttpAgent`` sends)
 reads the stream as ``GET`` does: its ``RunAgentInput`` is not used (the agent is already
 running; start it with your own view).
@@ -42,6 +45,7 @@ from ag_ui.core import (
 )
 from ag_ui.encoder import EventEncoder
 
+from .manager import StreamingManager
 from .protocol import ServerFrame
 from .sse import EventStream, Scope, serve
 
@@ -68,14 +72,30 @@ class AgUiStream(EventStream):
         self.run_started = False
         self.run_over = False  # RUN_ERROR or RUN_FINISHED went out: nothing may follow
         self.result: dict[str, Any] = {}
+        self.resume_after = 0  # the client has the chunks up to this seq
+        self.reopen = False  # a message the client has open goes on: announce it again
+
+    async def subscribe(self, manager: StreamingManager, last_seq: int) -> bool:
+        """Follow the stream from its first chunk whatever the cursor: the chunks up to
+        ``last_seq`` rebuild this response's state and are not sent."""
+        self.resume_after, self.reopen = last_seq, last_seq > 0
+        return await super().subscribe(manager, 0)
 
     async def write(self, kind: ServerFrame, text: str, seq: int | None) -> None:
-        events = self.translate(kind, json.loads(text), seq)
+        frame = json.loads(text)
+        if kind is ServerFrame.CHUNK and seq is not None and seq <= self.resume_after:
+            self.events(kind, frame, seq)  # the client has it: state only
+            return
+        if kind is ServerFrame.GAP:  # only the part of a gap after the client's cursor
+            if frame["to_seq"] <= self.resume_after:
+                return
+            frame["from_seq"] = max(frame["from_seq"], self.resume_after + 1)
+        events = self.translate(kind, frame, seq)
         if not events:
             return
         head = f"id: {seq}\n" if seq is not None else ""
-        body = "".join(head + self.encoder.encode(e) for e in events)
-        await self.write_body(body.encode())
+        body = "".join(self.encoder.encode(e) for e in events[:-1])
+        await self.write_body((body + head + self.encoder.encode(events[-1])).encode())
 
     # -- frames to events ------------------------------------------------------------
 
@@ -84,7 +104,12 @@ class AgUiStream(EventStream):
         replay has no ``subscribed`` frame)."""
         if self.run_over:
             return []
-        events = self.events(kind, frame, seq)
+        events: list[Any] = []
+        if self.reopen and kind is not ServerFrame.SUBSCRIBED:
+            self.reopen = False
+            if self.message_id is not None:
+                events.append(TextMessageStartEvent(message_id=self.message_id, role="assistant"))
+        events += self.events(kind, frame, seq)
         if events and not self.run_started:
             self.run_started = True
             events.insert(0, RunStartedEvent(thread_id=self.stream_id, run_id=self.stream_id))

@@ -5,7 +5,10 @@ header: Server-Sent Events whose data are UI message chunks, ending with ``[DONE
 ``DefaultChatTransport``'s ``prepareReconnectToStreamRequest`` at it and ``useChat``'s
 ``resume`` reconnects to a reply in flight: with no ``Last-Event-ID`` it replays the stream
 from its start (``resumeStreamIsReplay``, the SDK's default), then follows it live. Same
-Follower as the other transports: authorisation, limits, the admin, send-error policy.
+Follower as the other transports: authorisation, limits, the admin, send-error policy. The last
+part of each chunk carries ``id: <seq>``; a client that kept its message and comes back with
+``Last-Event-ID`` (or ``?last_seq=N``) gets what follows, the stream read from its start and the
+chunks it has rebuilding this response's state (the open text part, usage) unsent.
 
 Mapping (README, "Vercel AI SDK"): ``start`` first (``messageId``: the stream id);
 ``text_delta`` -> ``text-start`` (once per text part) + ``text-delta``; ``tool_call_request``
@@ -21,6 +24,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .manager import StreamingManager
 from .protocol import ServerFrame
 from .sse import EventStream, Scope, serve
 
@@ -40,17 +44,31 @@ class UIMessageStream(EventStream):
         self.started_message = False
         self.done = False
         self.metadata: dict[str, Any] = {}
+        self.resume_after = 0  # the client has the chunks up to this seq
+
+    async def subscribe(self, manager: StreamingManager, last_seq: int) -> bool:
+        """Follow the stream from its first chunk whatever the cursor: the chunks up to
+        ``last_seq`` rebuild this response's state and are not sent."""
+        self.resume_after = last_seq
+        return await super().subscribe(manager, 0)
 
     async def write(self, kind: ServerFrame, text: str, seq: int | None) -> None:
-        parts = self.translate(kind, json.loads(text), seq)
+        frame = json.loads(text)
+        if kind is ServerFrame.CHUNK and seq is not None and seq <= self.resume_after:
+            self.parts(kind, frame, seq)  # the client has it: state only
+            return
+        if kind is ServerFrame.GAP:  # only the part of a gap after the client's cursor
+            if frame["to_seq"] <= self.resume_after:
+                return
+            frame["from_seq"] = max(frame["from_seq"], self.resume_after + 1)
+        parts = self.translate(kind, frame, seq)
         if not parts:
             return
-        head = f"id: {seq}\n" if seq is not None else ""
-        body = "".join(
-            head + ("data: [DONE]\n\n" if part == "[DONE]" else f"data: {json.dumps(part)}\n\n")
-            for part in parts
-        )
-        await self.write_body(body.encode())
+        events = ["data: [DONE]\n\n" if p == "[DONE]" else f"data: {json.dumps(p)}\n\n"
+                  for p in parts]  # fmt: skip
+        if seq is not None:  # the cursor moves once every part of the chunk is in
+            events[-1] = f"id: {seq}\n{events[-1]}"
+        await self.write_body("".join(events).encode())
 
     def translate(self, kind: ServerFrame, frame: dict[str, Any], seq: int | None) -> list[Any]:
         if self.done:
