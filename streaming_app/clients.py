@@ -119,6 +119,11 @@ CLOSE_CODE_FOR_ERROR: dict[GMIErrorCode, CloseCode] = {
 }
 
 
+def utf8_len(text: str) -> int:
+    """The UTF-8 size of ``text`` (without encoding it when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def item_frames(items: list[Chunk | Gap]) -> list[tuple[ServerFrame, int | None, str]]:
     """``(frame type, seq, JSON text)`` for chunks and gaps."""
     frames: list[tuple[ServerFrame, int | None, str]] = []
@@ -162,6 +167,7 @@ class Follower:
     written_seq = 0  # the last seq written to the transport (a gap's end counts)
     unread_bytes = 0  # written since the last sign of reading (an ack)
     unacked_bytes = 0
+    sent_bytes = 0  # what the transport wrote to the peer (counted by the transport)
     frame_size = 0  # a running average of the chunk frames written
     paused_since: float | None = None  # time.monotonic() when the window filled
     closing: tuple[int, str, int] | None = None  # (code, reason, last_seq) of a close that waits
@@ -365,12 +371,12 @@ class Follower:
         for item, (kind, seq, text) in zip(items, item_frames(items), strict=True):
             if self.ended:
                 return
-            size = len(text) if text.isascii() else len(text.encode())
-            if seq is not None and not self.has_room(size):
+            if seq is not None and not self.has_room(utf8_len(text)):
                 assert self.delivery is not None
                 self.delivery.delivered_seq = self.written_seq  # from here on, from history
                 await self.hold_back()
                 return
+            sent = self.sent_bytes
             try:
                 await self.write(kind, text, seq)
             except Exception as exc:
@@ -378,7 +384,7 @@ class Follower:
                 return
             self.written_seq = item.seq if isinstance(item, Chunk) else item.to_seq
             if seq is not None:
-                self.wrote(seq, size)
+                self.wrote(seq, self.sent_bytes - sent)
                 metrics.DELIVERED.labels(self.transport).inc()
             else:
                 metrics.GAP_FRAMES.inc()
@@ -430,7 +436,9 @@ class Follower:
         return max(1, min(self.CATCH_UP_PAGE, chunks, by_size))
 
     def wrote(self, seq: int, size: int) -> None:
-        self.frame_size = size if not self.frame_size else (3 * self.frame_size + size) // 4
+        """A chunk frame of ``size`` bytes went out (0: the transport sent nothing for it)."""
+        if size:
+            self.frame_size = size if not self.frame_size else (3 * self.frame_size + size) // 4
         self.unread_bytes += size
         if self.acking:
             if self._unacked is None:

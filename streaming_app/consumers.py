@@ -18,7 +18,7 @@ from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from .auth import authorize_cancel
-from .clients import Follower
+from .clients import Follower, utf8_len
 from .conf import app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError
 from .manager import get_streaming_manager
@@ -90,6 +90,7 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
 
     async def write(self, kind: ServerFrame, text: str, seq: int | None) -> None:
         await self.send(text_data=text)
+        self.sent_bytes += utf8_len(text)
 
     async def close_transport(self, code: int) -> None:
         self.ended = True

@@ -70,6 +70,7 @@ class EventStream(Follower):
             await self._send({"type": "http.response.start", "status": 200,
                               "headers": list(self.response_headers)})  # fmt: skip
         await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        self.sent_bytes += len(body)
 
     async def close_transport(self, code: int) -> None:
         self.ended = True
