@@ -20,18 +20,31 @@ pytestmark = pytest.mark.browser
 
 CLIENT_JS = ROOT / "streaming_app" / "static" / "streaming_app" / "streaming-client.js"
 
-# Stand-ins for the page's WebSocket and setTimeout: sockets are kept to be driven by hand,
-# timers are recorded (window.delays) and run by runTimers(). seeded(n): a small PRNG
+# Stand-ins for the page's WebSocket and setTimeout: sockets are kept to be driven by hand
+# (what the client sends is kept in socket.sent), timers are recorded (window.delays, until
+# cleared) and run by runTimers(). seeded(n): a small PRNG
 # (mulberry32), so a test can give each client its own reproducible random source.
 HARNESS = """
 window.sockets = []; window.delays = []; window.timers = [];
 window.WebSocket = function (url) { this.url = url; this.readyState = 0; sockets.push(this); };
 window.WebSocket.OPEN = 1;
 window.WebSocket.prototype.close = function () { this.readyState = 3; };
-window.setTimeout = function (fn, ms) { delays.push(ms); timers.push(fn); return timers.length; };
-window.clearTimeout = function () {};
+window.WebSocket.prototype.send = function (data) {
+  (this.sent = this.sent || []).push(JSON.parse(data));
+};
+window.timerIds = 0;
+window.setTimeout = function (fn, ms) {
+  var timer = {id: ++timerIds, fn: fn, ms: ms};
+  delays.push(ms); timers.push(timer); return timer.id;
+};
+window.clearTimeout = function (id) {
+  var timer = timers.find(function (t) { return t.id === id; });
+  if (!timer) return;
+  timers.splice(timers.indexOf(timer), 1);
+  delays.splice(delays.lastIndexOf(timer.ms), 1);
+};
 window.runTimers = function () {
-  var due = timers; window.timers = []; due.forEach(function (f) { f(); });
+  var due = timers; window.timers = []; due.forEach(function (t) { t.fn(); });
 };
 window.seeded = function (seed) {
   return function () {
@@ -185,4 +198,32 @@ def test_clients_sent_off_by_a_restart_come_back_at_different_times(blank: Page)
     delays = [r["delays"] for r in result]
     assert all(len(d) == 1 and 0 <= d[0] < 250 for d in delays)  # the default minBackoffMs
     assert len({d[0] for d in delays}) >= 10  # spread out, not a storm at +250 ms
-    assert all(r["url"].endswith("/ws/streams/s/?last_seq=7") for r in result)
+    assert all(r["url"].endswith("/ws/streams/s/?ack=1&last_seq=7") for r in result)
+
+
+def test_the_client_acks_what_it_rendered(blank: Page) -> None:
+    """Every 64 chunks (or a quarter of the server's window in bytes) at once, the rest 100 ms
+    after the last one; after a reconnect it counts from where it came back."""
+    sent = blank.evaluate(
+        """() => {
+          const seen = [];
+          const onChunk = (chunk, seq) => seen.push(seq);
+          const client = new StreamingClient("s", {lastSeq: 10, onChunk: onChunk});
+          client.connect();
+          const socket = sockets[sockets.length - 1];
+          socket.readyState = 1;
+          socket.onopen();
+          const send = (frame) => socket.onmessage({data: JSON.stringify(frame)});
+          send({type: "subscribed", stream_id: "s", client_id: "c", seq: 200,
+                window: {chunks: 512, bytes: 1048576}});
+          for (let seq = 11; seq <= 150; seq++) send({type: "chunk", seq: seq, chunk: {}});
+          const before = (socket.sent || []).slice();
+          runTimers();  // 100 ms go by
+          send({type: "chunk", seq: 151, chunk: {big: "x".repeat(300000)}});  // > 1 MiB / 4
+          return {before: before, after: socket.sent, seen: seen.length, url: socket.url};
+        }"""
+    )
+    assert sent["url"].endswith("?ack=1&last_seq=10")
+    assert sent["seen"] == 141
+    assert sent["before"] == [{"type": "ack", "seq": 74}, {"type": "ack", "seq": 138}]
+    assert sent["after"][2:] == [{"type": "ack", "seq": 150}, {"type": "ack", "seq": 151}]

@@ -1,0 +1,91 @@
+"""A slow tab in Debian's headless Chromium: network throttled and a page that takes its time
+over each chunk. The server pauses it at its window instead of buffering for it, the reply
+still arrives whole, and the worker's memory stays flat."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from .servers import DaphneServer, manager_call, start_python
+from .test_browser import ARGS, CHROMIUM
+from .test_slow_clients import MIB, rss
+
+pytestmark = pytest.mark.browser
+
+CHUNKS, CHUNK_BYTES = 600, 8 * 1024  # 4.8 MB: almost five times the window of 1 MiB
+
+PRODUCE = f"""
+import asyncio
+from streaming_app.manager import get_streaming_manager
+from streaming_app.chunks import TextDeltaChunk
+async def main():
+    m = get_streaming_manager()
+    sid = {{sid!r}}
+    for i in range(1, {CHUNKS} + 1):
+        text = str(i).rjust(8, "0") + "x" * ({CHUNK_BYTES} - 8)
+        await m.push_chunk(sid, TextDeltaChunk(stream_id=sid, text_delta=text))
+    await m.close_stream(sid, "done")
+asyncio.run(main())
+"""
+
+# A page that renders slowly: 2 ms of work for each chunk, after the client hands it over.
+FOLLOW = """(sid) => {
+  window.got = []; window.done = false;
+  const client = new StreamingClient(sid, {
+    onChunk: (chunk) => {
+      const until = performance.now() + 2;
+      while (performance.now() < until) {}
+      got.push(parseInt(chunk.text_delta.slice(0, 8), 10));
+    },
+    onClosed: () => { window.done = true; },
+  });
+  client.connect();
+}"""
+
+
+def test_a_throttled_tab_gets_the_whole_reply_while_the_server_stays_flat(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**env, "DJANGO_DEBUG": "1"}  # the page's scripts are served by the site itself
+    with (
+        DaphneServer(env, log=tmp_path / "daphne.log") as server,
+        sync_playwright() as playwright,
+    ):
+        assert server.process is not None
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(base_url=server.http_url)
+        page.goto("/")
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Network.enable")
+        cdp.send("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 100, "downloadThroughput": 1024 * 1024,
+            "uploadThroughput": 64 * 1024,
+        })  # fmt: skip
+        sid = manager_call(env, "out = await m.create_stream()")
+        page.evaluate(FOLLOW, sid)
+        page.wait_for_function("() => window.StreamingClient !== undefined")
+        time.sleep(0.5)  # let the subscription land before the first push
+        before = peak = rss(server.process.pid)
+        producer = start_python(PRODUCE.format(sid=sid), env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while not page.evaluate("window.done") and time.monotonic() < deadline:
+                peak = max(peak, rss(server.process.pid))
+                time.sleep(0.05)
+            assert producer.wait(60) == 0, producer.communicate()[1]
+        finally:
+            producer.kill()
+            producer.communicate()
+        got = page.evaluate("window.got")
+        browser.close()
+        log = server.log()
+    growth = peak - before
+    print(f"\nDaphne RSS +{growth / MIB:.1f} MiB while a throttled tab read {CHUNKS} chunks")
+    assert got == list(range(1, CHUNKS + 1))
+    assert "paused at seq" in log  # the server held the reply back for the tab
+    assert growth <= 1 * MIB + 20 * MIB, f"RSS grew {growth / MIB:.1f} MiB"
+    assert "Traceback" not in log, log
