@@ -47,7 +47,7 @@ from ag_ui.encoder import EventEncoder
 
 from .manager import StreamingManager
 from .protocol import ServerFrame
-from .sse import EventStream, Scope, serve
+from .sse import Scope, TranslatedStream, serve
 
 
 def _pointer(key: str) -> str:
@@ -59,7 +59,7 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-class AgUiStream(EventStream):
+class AgUiStream(TranslatedStream):
     """One AG-UI event stream: the Follower's frames, written as AG-UI events."""
 
     transport = "ag-ui"
@@ -72,30 +72,19 @@ class AgUiStream(EventStream):
         self.run_started = False
         self.run_over = False  # RUN_ERROR or RUN_FINISHED went out: nothing may follow
         self.result: dict[str, Any] = {}
-        self.resume_after = 0  # the client has the chunks up to this seq
         self.reopen = False  # a message the client has open goes on: announce it again
 
     async def subscribe(self, manager: StreamingManager, last_seq: int) -> bool:
-        """Follow the stream from its first chunk whatever the cursor: the chunks up to
-        ``last_seq`` rebuild this response's state and are not sent."""
-        self.resume_after, self.reopen = last_seq, last_seq > 0
-        return await super().subscribe(manager, 0)
+        self.reopen = last_seq > 0
+        return await super().subscribe(manager, last_seq)
 
-    async def write(self, kind: ServerFrame, text: str, seq: int | None) -> None:
-        frame = json.loads(text)
-        if kind is ServerFrame.CHUNK and seq is not None and seq <= self.resume_after:
-            self.events(kind, frame, seq)  # the client has it: state only
-            return
-        if kind is ServerFrame.GAP:  # only the part of a gap after the client's cursor
-            if frame["to_seq"] <= self.resume_after:
-                return
-            frame["from_seq"] = max(frame["from_seq"], self.resume_after + 1)
-        events = self.translate(kind, frame, seq)
-        if not events:
-            return
+    def track(self, kind: ServerFrame, frame: dict[str, Any], seq: int | None) -> None:
+        self.events(kind, frame, seq)
+
+    def encode(self, events: list[Any], seq: int | None) -> bytes:
         head = f"id: {seq}\n" if seq is not None else ""
         body = "".join(self.encoder.encode(e) for e in events[:-1])
-        await self.write_body((body + head + self.encoder.encode(events[-1])).encode())
+        return (body + head + self.encoder.encode(events[-1])).encode()
 
     # -- frames to events ------------------------------------------------------------
 

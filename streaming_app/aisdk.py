@@ -24,12 +24,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .manager import StreamingManager
 from .protocol import ServerFrame
-from .sse import EventStream, Scope, serve
+from .sse import EventStream, Scope, TranslatedStream, serve
 
 
-class UIMessageStream(EventStream):
+class UIMessageStream(TranslatedStream):
     """One UI message stream: the Follower's frames, written as UI message chunks."""
 
     transport = "ai-sdk"
@@ -44,31 +43,16 @@ class UIMessageStream(EventStream):
         self.started_message = False
         self.done = False
         self.metadata: dict[str, Any] = {}
-        self.resume_after = 0  # the client has the chunks up to this seq
 
-    async def subscribe(self, manager: StreamingManager, last_seq: int) -> bool:
-        """Follow the stream from its first chunk whatever the cursor: the chunks up to
-        ``last_seq`` rebuild this response's state and are not sent."""
-        self.resume_after = last_seq
-        return await super().subscribe(manager, 0)
+    def track(self, kind: ServerFrame, frame: dict[str, Any], seq: int | None) -> None:
+        self.parts(kind, frame, seq)
 
-    async def write(self, kind: ServerFrame, text: str, seq: int | None) -> None:
-        frame = json.loads(text)
-        if kind is ServerFrame.CHUNK and seq is not None and seq <= self.resume_after:
-            self.parts(kind, frame, seq)  # the client has it: state only
-            return
-        if kind is ServerFrame.GAP:  # only the part of a gap after the client's cursor
-            if frame["to_seq"] <= self.resume_after:
-                return
-            frame["from_seq"] = max(frame["from_seq"], self.resume_after + 1)
-        parts = self.translate(kind, frame, seq)
-        if not parts:
-            return
-        events = ["data: [DONE]\n\n" if p == "[DONE]" else f"data: {json.dumps(p)}\n\n"
-                  for p in parts]  # fmt: skip
-        if seq is not None:  # the cursor moves once every part of the chunk is in
-            events[-1] = f"id: {seq}\n{events[-1]}"
-        await self.write_body("".join(events).encode())
+    def encode(self, events: list[Any], seq: int | None) -> bytes:
+        texts = ["data: [DONE]\n\n" if p == "[DONE]" else f"data: {json.dumps(p)}\n\n"
+                 for p in events]  # fmt: skip
+        if seq is not None:
+            texts[-1] = f"id: {seq}\n{texts[-1]}"
+        return "".join(texts).encode()
 
     def translate(self, kind: ServerFrame, frame: dict[str, Any], seq: int | None) -> list[Any]:
         if self.done:

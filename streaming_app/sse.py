@@ -20,7 +20,7 @@ from .conf import app_settings
 from .consumers import parse_last_seq, parse_seq
 from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
 from .layers import Inbox
-from .manager import get_streaming_manager
+from .manager import StreamingManager, get_streaming_manager
 from .protocol import ServerFrame
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,45 @@ class EventStream(Follower):
                         await self.send_failed(exc)
         finally:
             gone.cancel()
+
+
+class TranslatedStream(EventStream):
+    """An event stream in another protocol (AG-UI, the UI message stream): each frame becomes
+    that protocol's events (:meth:`translate`, written by :meth:`encode`). A client that comes
+    back with a cursor gets the stream read from its start: the chunks it has only rebuild this
+    response's state (:meth:`track`) and are not sent, nor the part of a gap before it."""
+
+    resume_after = 0  # the client has the chunks up to this seq
+
+    async def subscribe(self, manager: StreamingManager, last_seq: int) -> bool:
+        self.resume_after = last_seq
+        return await super().subscribe(manager, 0)
+
+    async def write(self, kind: ServerFrame, text: str, seq: int | None) -> None:
+        frame = json.loads(text)
+        if kind is ServerFrame.CHUNK and seq is not None and seq <= self.resume_after:
+            self.track(kind, frame, seq)  # the client has it: state only
+            return
+        if kind is ServerFrame.GAP:  # only the part of a gap after the client's cursor
+            if frame["to_seq"] <= self.resume_after:
+                return
+            frame["from_seq"] = max(frame["from_seq"], self.resume_after + 1)
+        events = self.translate(kind, frame, seq)
+        if events:
+            await self.write_body(self.encode(events, seq))
+
+    def track(self, kind: ServerFrame, frame: dict[str, Any], seq: int | None) -> None:
+        """Fold a frame the client already has into this response's state."""
+        raise NotImplementedError
+
+    def translate(self, kind: ServerFrame, frame: dict[str, Any], seq: int | None) -> list[Any]:
+        """The protocol's events for one frame (none: nothing is written)."""
+        raise NotImplementedError
+
+    def encode(self, events: list[Any], seq: int | None) -> bytes:
+        """The SSE text of one frame's events; ``id: <seq>`` goes on the last, so the cursor
+        moves once every event of a chunk is in."""
+        raise NotImplementedError
 
 
 async def stream_events(scope: Scope, receive: Any, send: Any) -> None:

@@ -12,25 +12,11 @@ from playwright.sync_api import sync_playwright
 
 from .servers import DaphneServer, manager_call, start_python
 from .test_browser import ARGS, CHROMIUM
-from .test_slow_clients import MIB, rss
+from .test_slow_clients import MIB, produce, rss
 
 pytestmark = pytest.mark.browser
 
 CHUNKS, CHUNK_BYTES = 600, 8 * 1024  # 4.8 MB: almost five times the window of 1 MiB
-
-PRODUCE = f"""
-import asyncio
-from streaming_app.manager import get_streaming_manager
-from streaming_app.chunks import TextDeltaChunk
-async def main():
-    m = get_streaming_manager()
-    sid = {{sid!r}}
-    for i in range(1, {CHUNKS} + 1):
-        text = str(i).rjust(8, "0") + "x" * ({CHUNK_BYTES} - 8)
-        await m.push_chunk(sid, TextDeltaChunk(stream_id=sid, text_delta=text))
-    await m.close_stream(sid, "done")
-asyncio.run(main())
-"""
 
 # A page that renders slowly: 2 ms of work for each chunk, after the client hands it over.
 FOLLOW = """(sid) => {
@@ -70,7 +56,7 @@ def test_a_throttled_tab_gets_the_whole_reply_while_the_server_stays_flat(
         page.wait_for_function("() => window.StreamingClient !== undefined")
         time.sleep(0.5)  # let the subscription land before the first push
         before = peak = rss(server.process.pid)
-        producer = start_python(PRODUCE.format(sid=sid), env=env)
+        producer = start_python(produce(sid, CHUNKS, CHUNK_BYTES), env=env)
         try:
             deadline = time.monotonic() + 120
             while not page.evaluate("window.done") and time.monotonic() < deadline:

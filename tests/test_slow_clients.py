@@ -29,17 +29,22 @@ CHUNKS, CHUNK_BYTES = 5000, 16 * 1024
 MIB = 1024 * 1024
 SMALL_BUFFER = 16 * 1024  # the slow clients' receive buffers: the server's writes back up
 
-PRODUCE = f"""
-import asyncio, time
+
+def produce(sid: str, chunks: int, chunk_bytes: int, *, close: bool = True) -> str:
+    """A producer's code: ``chunks`` text deltas of ``chunk_bytes``, each starting with its
+    number in 8 digits, then (with ``close``) the close."""
+    return f"""
+import asyncio
 from streaming_app.manager import get_streaming_manager
 from streaming_app.chunks import TextDeltaChunk
 async def main():
     m = get_streaming_manager()
-    sid = {{sid!r}}
-    for i in range(1, {CHUNKS} + 1):
-        text = str(i).rjust(8, "0") + "x" * ({CHUNK_BYTES} - 8)
+    sid = {sid!r}
+    for i in range(1, {chunks} + 1):
+        text = str(i).rjust(8, "0") + "x" * ({chunk_bytes} - 8)
         await m.push_chunk(sid, TextDeltaChunk(stream_id=sid, text_delta=text))
-    await m.close_stream(sid, "done")
+    if {close}:
+        await m.close_stream(sid, "done")
 asyncio.run(main())
 """
 
@@ -149,7 +154,7 @@ async def test_slow_clients_cost_a_bounded_amount_and_still_get_every_chunk(
         following = asyncio.create_task(collect(f"{server.ws_url}/ws/streams/{sid}/", fast))
         await asyncio.sleep(0.5)  # let the subscriptions land before the first push
         before = peak = rss(pid)
-        producer = start_python(PRODUCE.format(sid=sid), env=env)
+        producer = start_python(produce(sid, CHUNKS, CHUNK_BYTES), env=env)
         try:
             while not following.done():
                 peak = max(peak, rss(pid))
@@ -199,8 +204,7 @@ async def test_follow_stream_pauses_a_reader_that_stops_and_resumes_it(
         frames = follow_stream(url, ack_every=5, headers=origin(url))
         first = asyncio.ensure_future(anext(frames))  # subscribes, waits for seq 1
         await asyncio.sleep(0.5)
-        produce = PRODUCE.replace(str(CHUNKS), "200").replace("await m.close_stream", "#")
-        pushed = start_python(produce.format(sid=sid), env=env)
+        pushed = start_python(produce(sid, 200, CHUNK_BYTES, close=False), env=env)
         try:
             assert await asyncio.to_thread(pushed.wait, 60) == 0, pushed.communicate()[1]
         finally:
