@@ -37,6 +37,7 @@ POSITIVE_NUMBERS = {
     "CLIENT_WINDOW_BYTES": "streaming_app.E028",
     "CLIENT_MAX_UNREAD_BYTES": "streaming_app.E029",
     "INLINE_CHUNK_BYTES": "streaming_app.E030",
+    "SNAPSHOT_AFTER_CHUNKS": "streaming_app.E031",
 }
 DOTTED_PATHS = {
     "HISTORY_BACKEND": "streaming_app.E013",

@@ -24,6 +24,7 @@ from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
 from .history import History
 from .layers import ChannelLayer, Inbox
 from .protocol import CloseCode, ServerFrame, chunk_frame, frame
+from .transcripts import build_snapshot
 
 if TYPE_CHECKING:
     from .manager import StreamingManager
@@ -172,6 +173,10 @@ class Follower:
     paused_since: float | None = None  # time.monotonic() when the window filled
     closing: tuple[int, str, int] | None = None  # (code, reason, last_seq) of a close that waits
     _unacked: deque[tuple[int, int]] | None = None  # (seq, bytes) written and not acked
+    # A client far behind gets one snapshot frame instead of every chunk it missed, unless it
+    # asked for the chunks (``?replay=chunks``) or its protocol has no snapshot.
+    snapshots: ClassVar[bool] = True
+    replay_chunks = False
 
     # -- StreamClient (the seed's IStreamClient) -------------------------------------------
 
@@ -246,21 +251,44 @@ class Follower:
                 await self.refuse(exc)
                 return False
             active, reason = False, exc.details.get("reason", "")
+        await self.delivery.catch_up(self.delivery.delivered_seq)  # reads the head, no chunk
+        head = max(self.delivery.head_seq, self.delivery.delivered_seq)
         if not active:  # what it missed, then closed (after its acks, if it is paused)
+            await self.send_snapshot(manager, head)
             await self.fill()
             self.closing = (CloseCode.STREAM_GONE, reason, self.delivery.head_seq)
             await self.finish_closing()
             return False
-        items = await self.delivery.catch_up(limit=self.CATCH_UP_PAGE)
-        head = max(self.delivery.head_seq, self.delivery.delivered_seq)
         window = {"chunks": app_settings.CLIENT_WINDOW_CHUNKS,
                   "bytes": app_settings.CLIENT_WINDOW_BYTES}  # fmt: skip
         text = frame(ServerFrame.SUBSCRIBED, stream_id=self.stream_id, client_id=self.client_id,
                      seq=head, **({"window": window} if self.acking else {}))  # fmt: skip
         await self.write(ServerFrame.SUBSCRIBED, text, None)
-        await self.deliver(items)
+        await self.send_snapshot(manager, head)
         await self.fill(head)
         return True
+
+    async def send_snapshot(self, manager: StreamingManager, head: int) -> None:
+        """One ``snapshot`` frame (the reducer's state) for a client more than
+        ``SNAPSHOT_AFTER_CHUNKS`` behind ``head``, instead of the chunks it missed."""
+        delivery = self.delivery
+        assert delivery is not None
+        behind = head - self.written_seq
+        if not self.snapshots or self.replay_chunks or behind <= app_settings.SNAPSHOT_AFTER_CHUNKS:
+            return
+        state, seq = await build_snapshot(manager.history, self.stream_id)
+        text = frame(ServerFrame.SNAPSHOT, seq=seq, state=state.to_dict())
+        sent = self.sent_bytes
+        try:
+            await self.write(ServerFrame.SNAPSHOT, text, seq)
+        except Exception as exc:
+            await self.send_failed(exc)
+            return
+        delivery.delivered_seq = self.written_seq = max(seq, self.written_seq)
+        self.wrote(seq, self.sent_bytes - sent)
+        metrics.SNAPSHOTS.labels(self.transport).inc()
+        logger.info("client %s of stream %s: a snapshot at seq %d instead of %d chunks",
+                    self.client_id, self.stream_id, seq, behind)  # fmt: skip
 
     async def refuse(self, exc: GMIError) -> None:
         """Tell the peer why it cannot follow the stream, then close with the matching code."""
@@ -394,12 +422,21 @@ class Follower:
         a page at a time, while the client has room."""
         delivery = self.delivery
         assert delivery is not None
+        held: Gap | None = None  # a gap that may go on in the next page: one frame for all of it
         while not self.ended and not self.paused:
             items = await delivery.catch_up(up_to, limit=self.room())
+            if held is not None:
+                if items and isinstance(items[0], Gap):
+                    items[0] = Gap(held.from_seq, items[0].to_seq)
+                else:
+                    items.insert(0, held)
+                held = None
+            finished = delivery.delivered_seq >= (delivery.head_seq if up_to is None else up_to)
+            if not finished and len(items) == 1 and isinstance(items[0], Gap):
+                held = items[0]
+                continue
             await self.deliver(items)
-            if not items or delivery.delivered_seq >= (
-                delivery.head_seq if up_to is None else up_to
-            ):
+            if not items or finished:
                 return
 
     # -- flow control ----------------------------------------------------------------------------
@@ -541,6 +578,7 @@ class ChannelBridge(Follower):
 
     transport = "python"
     flow_controlled = False  # each send is awaited: the client sets the pace
+    snapshots = False  # a StreamClient takes chunks
 
     def __init__(self, stream_id: str, client: StreamClient, layer: ChannelLayer,
                  history: History) -> None:  # fmt: skip

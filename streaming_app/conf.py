@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     # A chunk up to this size travels inside its channel-layer event; a bigger one is
     # announced by its seq and read from the history by each worker's followers.
     "INLINE_CHUNK_BYTES": 4096,
+    # A client that joins (or resumes) more than this many chunks behind gets one snapshot
+    # frame, the reply assembled so far, instead of the chunks (unless ?replay=chunks).
+    "SNAPSHOT_AFTER_CHUNKS": 200,
     # Slow clients. A client that acks (``?ack=1`` or its first ``ack`` frame) has at most this
     # many chunks / bytes written and not acked; beyond, it is paused and catches up from
     # history as its acks come. A client that does not ack is sent off (``reconnect``, 4013)
@@ -161,6 +164,10 @@ class AppSettings:
     @property
     def MAX_CLIENT_FRAME_BYTES(self) -> int:
         return int(self.get("MAX_CLIENT_FRAME_BYTES"))
+
+    @property
+    def SNAPSHOT_AFTER_CHUNKS(self) -> int:
+        return int(self.get("SNAPSHOT_AFTER_CHUNKS"))
 
     @property
     def INLINE_CHUNK_BYTES(self) -> int:

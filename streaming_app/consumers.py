@@ -75,6 +75,20 @@ def parse_flag(query_string: bytes | str, name: str, stream_id: str) -> bool:
     return values[-1] == "1"
 
 
+def parse_replay(query_string: bytes | str, stream_id: str) -> bool:
+    """Whether the query asks for the missed chunks themselves (``replay=chunks``) rather than
+    a snapshot (``replay=snapshot``, the default). Raises ``StreamError(INVALID_ARGUMENT)``."""
+    if isinstance(query_string, bytes):
+        query_string = query_string.decode("latin-1")
+    values = parse_qs(query_string, keep_blank_values=True).get("replay")
+    if not values or values[-1] == "snapshot":
+        return False
+    if values[-1] != "chunks":
+        message = f"replay must be 'chunks' or 'snapshot', not {values[-1][:40]!r}"
+        raise StreamError(GMIErrorCode.INVALID_ARGUMENT, message, stream_id=stream_id)
+    return True
+
+
 class StreamConsumer(Follower, AsyncWebsocketConsumer):
     """A browser (or any WebSocket peer) following one stream."""
 
@@ -106,6 +120,7 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
         try:
             last_seq = parse_last_seq(query, self.stream_id)
             self.acking = parse_flag(query, "ack", self.stream_id)
+            self.replay_chunks = parse_replay(query, self.stream_id)
         except StreamError as exc:
             await self.refuse(exc)
             return

@@ -105,6 +105,12 @@ class History(Protocol):
     async def forget(self, stream_id: str) -> None:
         """Drop everything held for a stream."""
 
+    async def snapshot(self, stream_id: str) -> tuple[int, str] | None:
+        """The stored snapshot ``(seq, state JSON)`` of a stream, if any."""
+
+    async def save_snapshot(self, stream_id: str, seq: int, state_json: str) -> None:
+        """Store a snapshot, unless a newer one is stored (or the stream is unknown)."""
+
     def expire_closed(self) -> list[str]:
         """Drop closed streams whose history aged out (where the backend does not itself)."""
 
@@ -122,6 +128,7 @@ class _MemoryStream:
     last_activity: float = field(default_factory=time.time)
     failures: dict[str, str] = field(default_factory=dict)
     size: int = 0  # bytes of the chunks held
+    snapshot: tuple[int, str] | None = None
 
 
 class MemoryHistory:
@@ -192,6 +199,8 @@ class MemoryHistory:
         if not stream.entries or last <= after_seq:
             return Replay(entries=[], head_seq=stream.head_seq)
         first = stream.entries[0][0]
+        if last < first:  # all of the range was trimmed
+            return Replay(entries=[], head_seq=stream.head_seq)
         start = max(after_seq + 1, first) - first
         stop = last - first + 1
         entries = [(seq, text) for seq, _, text in islice(stream.entries, start, stop)]
@@ -237,6 +246,15 @@ class MemoryHistory:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             self.size -= stream.size
+
+    async def snapshot(self, stream_id: str) -> tuple[int, str] | None:
+        stream = self._streams.get(stream_id)
+        return stream.snapshot if stream is not None else None
+
+    async def save_snapshot(self, stream_id: str, seq: int, state_json: str) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and (stream.snapshot is None or stream.snapshot[0] < seq):
+            stream.snapshot = (seq, state_json)
 
     async def aclose(self) -> None:
         return None

@@ -38,7 +38,7 @@ from .models import STREAM_ID_PATTERN
 from .protocol import CloseCode
 from .registry import NewClient, NewStream, Registry, StreamLimits
 from .sweeper import Sweeper, SweepReport
-from .transcripts import Transcript, assemble
+from .transcripts import Transcript, build_snapshot
 from .watches import Watches
 from .worker import HISTORY_LOST_REASON, SHUTDOWN_REASON, Worker
 
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 _STREAM_ID = re.compile(STREAM_ID_PATTERN)
 DEFAULT_CLOSE_REASON = "Stream closed"
-TRANSCRIPT_PAGE = 500  # chunks read from history at a time to assemble a transcript
 
 __all__ = [
     "HISTORY_LOST_REASON",
@@ -83,6 +82,7 @@ class StreamingManager:
 
     def __init__(self) -> None:
         self.stats: Counter[str] = Counter()
+        self._snapshot_seqs: dict[str, int] = {}  # the snapshot seq this process stored last
         self.registry = Registry()
         self.worker = Worker(self)
         self.sweeper = Sweeper(self)
@@ -423,23 +423,32 @@ class StreamingManager:
             except Exception:
                 logger.exception("stream %s: activity not recorded at close", stream_id)
         self.sweeper.forget(stream_id)
+        self._snapshot_seqs.pop(stream_id, None)
 
     async def _transcript(self, stream_id: str, closed: Closed | None) -> Transcript:
         """The closing stream's transcript, assembled from what the history holds."""
         if closed is None:  # the history lost it (a Redis restart): say so
             return Transcript(complete=False, history_lost=True)
-        transcript, after = Transcript(), 0
-        while after < closed.head_seq:  # a page at a time: a long reply is not read at once
-            up_to = min(closed.head_seq, after + TRANSCRIPT_PAGE)
-            try:
-                replay = await self.history.read_after(stream_id, after, up_to)
-            except Exception as exc:
-                raise self._backend_error(stream_id, "history", exc) from exc
-            assemble(replay.entries, transcript)
-            after = up_to
-        if transcript.last_seq < closed.head_seq:  # the newest chunks are not held
-            transcript.complete = False
+        try:  # from the snapshot on, a page at a time: a long reply is not read at once
+            transcript, _ = await build_snapshot(self.history, stream_id, closed.head_seq)
+        except Exception as exc:
+            raise self._backend_error(stream_id, "history", exc) from exc
         return transcript
+
+    async def _advance_snapshot(self, stream_id: str, head: int) -> None:
+        """Fold what was pushed since the stored snapshot into it, every half history: the
+        chunks the history trims next are always in the snapshot already."""
+        known = self._snapshot_seqs.get(stream_id, 0)
+        if head - known < max(1, app_settings.HISTORY_MAX_CHUNKS // 2):
+            return
+        try:
+            state, seq = await build_snapshot(self.history, stream_id, head)
+            await self.history.save_snapshot(stream_id, seq, json.dumps(state.to_dict()))
+        except Exception as exc:  # the push itself went through: a later one tries again
+            logger.warning("stream %s: snapshot not advanced: %s: %s", stream_id,
+                           type(exc).__name__, exc)  # fmt: skip
+            return
+        self._snapshot_seqs[stream_id] = seq
 
     async def handle_stream_error(
         self, stream_id: str, error: BaseException, terminate_stream: bool = True
@@ -572,6 +581,20 @@ class StreamingManager:
     # -- internals ----------------------------------------------------------------------
 
     async def _push(
+        self, stream_id: str, chunks: list[AgentOSResponse | dict[str, Any]], *,
+        raise_failures: bool,
+    ) -> list[int]:  # fmt: skip
+        """Append and publish; then, once the chunks are out, advance the snapshot (at most
+        half a history at a time, so no chunk is trimmed before the snapshot has it)."""
+        step, seqs = max(1, app_settings.HISTORY_MAX_CHUNKS // 2), []
+        for start in range(0, len(chunks), step):
+            seqs += await self._append_and_publish(
+                stream_id, chunks[start : start + step], raise_failures=raise_failures
+            )
+            await self._advance_snapshot(stream_id, seqs[-1])
+        return seqs
+
+    async def _append_and_publish(
         self, stream_id: str, chunks: list[AgentOSResponse | dict[str, Any]], *,
         raise_failures: bool,
     ) -> list[int]:  # fmt: skip

@@ -65,6 +65,10 @@ REFUSALS = Counter(
     "streaming_refusals", "Clients refused or failed with an error frame, by close code",
     ["code"], registry=REGISTRY,
 )  # fmt: skip
+SNAPSHOTS = Counter(
+    "streaming_snapshots", "Snapshot frames sent to clients that joined far behind",
+    ["transport"], registry=REGISTRY,
+)  # fmt: skip
 TOO_FAR_BEHIND = Counter(
     "streaming_clients_too_far_behind", "Clients sent off (4013) for not reading or acking",
     ["transport"], registry=REGISTRY,
@@ -75,6 +79,7 @@ for _transport in TRANSPORTS:
     DELIVERED.labels(_transport)
     DELIVERY_SECONDS.labels(_transport)
     TOO_FAR_BEHIND.labels(_transport)
+    SNAPSHOTS.labels(_transport)
 for _code in CloseCode:
     if _code >= 4400:  # the refusals and failures: error frame, then this close code
         REFUSALS.labels(str(int(_code)))

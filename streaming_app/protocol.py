@@ -16,6 +16,8 @@ class ServerFrame(StrEnum):
     SUBSCRIBED = "subscribed"
     CHUNK = "chunk"  # {"seq", "chunk"}
     GAP = "gap"  # {"from_seq", "to_seq"}: chunks history no longer holds
+    # {"seq", "state"}: the reply up to seq, assembled (a client far behind, instead of chunks)
+    SNAPSHOT = "snapshot"
     CLOSED = "closed"  # {"reason", "last_seq"}
     ERROR = "error"  # {"code", "message"}: a problem with the client's request
     PONG = "pong"  # answer to a client "ping"

@@ -70,6 +70,16 @@ end
 return {seq}
 """
 
+SAVE_SNAPSHOT = """
+-- a newer snapshot only, of a stream that still exists
+local meta = KEYS[1]
+if redis.call('EXISTS', meta) == 1
+    and tonumber(redis.call('HGET', meta, 'snap_seq') or '-1') < tonumber(ARGV[1]) then
+  redis.call('HSET', meta, 'snap_seq', ARGV[1], 'snap', ARGV[2])
+end
+return 0
+"""
+
 CLOSE = """
 local meta = KEYS[1]
 if redis.call('EXISTS', meta) == 0 then return {-1, 0, ''} end
@@ -291,6 +301,17 @@ class RedisHistory:
     async def forget(self, stream_id: str) -> None:
         client, _, _ = self._client()
         await client.delete(*_keys(stream_id))
+
+    async def snapshot(self, stream_id: str) -> tuple[int, str] | None:
+        client, _, _ = self._client()
+        meta, _, _ = _keys(stream_id)
+        seq, state = await client.hmget(meta, ["snap_seq", "snap"])
+        return (int(seq), _text(state)) if seq is not None and state is not None else None
+
+    async def save_snapshot(self, stream_id: str, seq: int, state_json: str) -> None:
+        client, _, _ = self._client()
+        meta, _, _ = _keys(stream_id)
+        await client.eval(SAVE_SNAPSHOT, 1, meta, seq, state_json)
 
 
 def _server(url: str) -> tuple[str, int]:

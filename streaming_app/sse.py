@@ -17,7 +17,7 @@ from django.http.request import split_domain_port, validate_host
 
 from .clients import Follower
 from .conf import app_settings
-from .consumers import parse_last_seq, parse_seq
+from .consumers import parse_last_seq, parse_replay, parse_seq
 from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
 from .layers import Inbox
 from .manager import StreamingManager, get_streaming_manager
@@ -116,6 +116,7 @@ class EventStream(Follower):
                     last_seq = parse_seq(last_event_id, self.stream_id, "Last-Event-ID")
                 else:
                     last_seq = parse_last_seq(self.scope["query_string"], self.stream_id)
+                self.replay_chunks = parse_replay(self.scope["query_string"], self.stream_id)
             except StreamError as exc:
                 await self.refuse(exc)
                 return
@@ -168,6 +169,7 @@ class TranslatedStream(EventStream):
     response's state (:meth:`track`) and are not sent, nor the part of a gap before it."""
 
     resume_after = 0  # the client has the chunks up to this seq
+    snapshots = False  # these protocols have no such frame: their clients get the chunks
 
     async def subscribe(self, manager: StreamingManager, last_seq: int) -> bool:
         self.resume_after = last_seq

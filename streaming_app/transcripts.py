@@ -7,14 +7,24 @@ manager assembles the transcript from the history and the registry saves it with
 row, in one transaction: a stream's transcript is saved once, and a producer that died does not
 lose it. A history that no longer held every chunk (trimmed, or lost with a Redis restart) is
 said so in ``complete`` / ``history_lost``.
+
+The same state is a stream's *snapshot*: kept beside the history (advanced by the producing
+process every ``HISTORY_MAX_CHUNKS // 2`` chunks, so it covers what the history trims) and sent
+as one ``snapshot`` frame to a client that joins far behind, instead of every delta
+(:func:`build_snapshot`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .history import History
+
+PAGE = 500  # chunks read from history at a time while assembling
 
 
 @dataclass
@@ -34,6 +44,7 @@ class Transcript:
     last_seq: int = 0
     complete: bool = True  # every chunk from seq 1 to last_seq was assembled
     history_lost: bool = False
+    finished: bool = False  # a final response came
 
     @property
     def text(self) -> str:
@@ -50,6 +61,14 @@ class Transcript:
         del data["text_parts"]
         return {"text": self.text, **data}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Transcript:
+        """The inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        names = {f.name for f in fields(cls)} - {"text_parts"}
+        state = cls(**{k: v for k, v in data.items() if k in names})
+        state.text = str(data.get("text", ""))
+        return state
+
 
 def reduce(state: Transcript, seq: int, chunk: dict[str, Any]) -> Transcript:
     """Fold one chunk (its JSON form, as pushed) into ``state``; returns ``state``."""
@@ -63,6 +82,7 @@ def reduce(state: Transcript, seq: int, chunk: dict[str, Any]) -> Transcript:
     if kind == "text_delta":
         state.text_parts.append(chunk.get("text_delta", ""))
     elif kind == "final_response":
+        state.finished = True
         final = chunk.get("final_response_text")
         if final is not None:
             state.text = final  # the producer's own assembly of the reply wins
@@ -103,3 +123,27 @@ def assemble(entries: Iterable[tuple[int, str]], state: Transcript | None = None
     for seq, chunk_json in entries:
         reduce(state, seq, json.loads(chunk_json))
     return state
+
+
+async def build_snapshot(
+    history: History, stream_id: str, up_to: int | None = None
+) -> tuple[Transcript, int]:
+    """The stream's state at its head (or at ``up_to``) and that seq: the stored snapshot with
+    what the history holds after it folded in, a page at a time. Chunks neither covers make it
+    ``complete: false``."""
+    stored = await history.snapshot(stream_id)
+    state, after = Transcript(), 0
+    if stored is not None:
+        after, state = stored[0], Transcript.from_dict(json.loads(stored[1]))
+    start = after
+    while True:
+        end = after + PAGE if up_to is None else min(up_to, after + PAGE)
+        replay = await history.read_after(stream_id, after, end)
+        assemble(replay.entries, state)
+        head = replay.head_seq if up_to is None else min(up_to, replay.head_seq)
+        if end >= head:
+            break
+        after = end
+    if state.last_seq < head:  # the newest chunks are not held
+        state.complete = False
+    return state, max(head, start)
