@@ -87,17 +87,27 @@ async def test_a_close_saves_the_transcript_once() -> None:
     await manager.shutdown()
 
 
-@override_settings(STREAMING_APP={"HISTORY_MAX_CHUNKS": 3})
-async def test_a_trimmed_history_is_an_incomplete_transcript() -> None:
-    manager = StreamingManager()
-    await manager.initialize()
-    sid = await manager.create_stream()
-    for word in ("a", "b", "c", "d", "e"):
-        await manager.push_chunk(sid, TextDeltaChunk(stream_id=sid, text_delta=word))
-    await manager.close_stream(sid)
-    saved = await StreamTranscript.objects.aget(stream_id=sid)
-    assert (saved.text, saved.first_seq, saved.last_seq, saved.complete) == ("cde", 3, 5, False)
-    await manager.shutdown()
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [  # the history keeps 3 chunks: the snapshot beside it has the rest
+        ({"HISTORY_MAX_CHUNKS": 3}, ("abcde", 1, 5, True)),
+        # the process's byte budget dropped them before any snapshot took them: said so
+        ({"HISTORY_MAX_TOTAL_BYTES": 700}, ("cde", 3, 5, False)),
+    ],
+)
+async def test_a_trimmed_history_still_makes_a_whole_transcript_unless_nothing_kept_it(
+    limits: dict[str, int], expected: tuple[str, int, int, bool]
+) -> None:
+    with override_settings(STREAMING_APP=limits):
+        manager = StreamingManager()
+        await manager.initialize()
+        sid = await manager.create_stream()
+        for word in ("a", "b", "c", "d", "e"):
+            await manager.push_chunk(sid, TextDeltaChunk(stream_id=sid, text_delta=word))
+        await manager.close_stream(sid)
+        saved = await StreamTranscript.objects.aget(stream_id=sid)
+        assert (saved.text, saved.first_seq, saved.last_seq, saved.complete) == expected
+        await manager.shutdown()
 
 
 def test_the_transcript_survives_its_producer_and_says_when_history_was_lost(
