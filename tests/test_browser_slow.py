@@ -4,6 +4,7 @@ still arrives whole, and the worker's memory stays flat."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -75,3 +76,36 @@ def test_a_throttled_tab_gets_the_whole_reply_while_the_server_stays_flat(
     assert "paused at seq" in log  # the server held the reply back for the tab
     assert growth <= 1 * MIB + 20 * MIB, f"RSS grew {growth / MIB:.1f} MiB"
     assert "Traceback" not in log, log
+
+
+def test_a_late_joiner_renders_a_long_reply_from_one_snapshot(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The chat page following a 1,000-delta reply it joins late: one snapshot frame, then the
+    tail, and the bubble holds the whole text."""
+    env = {**env, "DJANGO_DEBUG": "1"}
+    with (
+        DaphneServer(env, log=tmp_path / "daphne.log") as server,
+        sync_playwright() as playwright,
+    ):
+        sid = manager_call(env, "out = await m.create_stream()")
+        words = [f"w{i} " for i in range(1, 1001)]
+        manager_call(env, f"await m.push_chunks({sid!r}, [TextDeltaChunk(stream_id={sid!r}, "
+                          f"text_delta=w) for w in {words!r}])")  # fmt: skip
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(base_url=server.http_url)
+        frames: list[str] = []
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(str(f))))
+        page.goto(f"/?stream={sid}")
+        bubble = page.locator(".turn.agent .bubble")
+        page.wait_for_function("() => document.querySelector('.turn.agent .bubble')"
+                               "?.textContent.endsWith('w1000 ')")  # fmt: skip
+        manager_call(env, f"await m.push_chunks({sid!r}, [TextDeltaChunk(stream_id={sid!r}, "
+                          "text_delta=w) for w in ['tail1 ', 'tail2 ']])\n"
+                          f"await m.close_stream({sid!r}, 'Interaction complete.')")  # fmt: skip
+        page.wait_for_function("() => document.getElementById('status').textContent === 'idle'")
+        text = bubble.inner_text()
+        browser.close()
+    kinds = [json.loads(f)["type"] for f in frames]
+    assert kinds == ["subscribed", "snapshot", "chunk", "chunk", "closed"], kinds
+    assert text.strip() == "".join([*words, "tail1 ", "tail2 "]).strip()

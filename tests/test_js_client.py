@@ -198,7 +198,7 @@ def test_clients_sent_off_by_a_restart_come_back_at_different_times(blank: Page)
     delays = [r["delays"] for r in result]
     assert all(len(d) == 1 and 0 <= d[0] < 250 for d in delays)  # the default minBackoffMs
     assert len({d[0] for d in delays}) >= 10  # spread out, not a storm at +250 ms
-    assert all(r["url"].endswith("/ws/streams/s/?ack=1&last_seq=7") for r in result)
+    assert all(r["url"].endswith("/ws/streams/s/?ack=1&last_seq=7&replay=chunks") for r in result)
 
 
 def test_the_client_acks_what_it_rendered(blank: Page) -> None:
@@ -223,7 +223,31 @@ def test_the_client_acks_what_it_rendered(blank: Page) -> None:
           return {before: before, after: socket.sent, seen: seen.length, url: socket.url};
         }"""
     )
-    assert sent["url"].endswith("?ack=1&last_seq=10")
+    assert sent["url"].endswith("?ack=1&last_seq=10&replay=chunks")
     assert sent["seen"] == 141
     assert sent["before"] == [{"type": "ack", "seq": 74}, {"type": "ack", "seq": 138}]
     assert sent["after"][2:] == [{"type": "ack", "seq": 150}, {"type": "ack", "seq": 151}]
+
+
+def test_a_snapshot_replaces_the_missed_chunks_and_is_acked(blank: Page) -> None:
+    result = blank.evaluate(
+        """() => {
+          const got = [];
+          const client = new StreamingClient("s", {
+            onSnapshot: (state, seq) => got.push(["snapshot", seq, state.text]),
+            onChunk: (chunk, seq) => got.push(["chunk", seq]),
+          });
+          client.connect();
+          const socket = sockets[sockets.length - 1];
+          socket.readyState = 1;
+          const send = (frame) => socket.onmessage({data: JSON.stringify(frame)});
+          send({type: "subscribed", stream_id: "s", client_id: "c", seq: 900});
+          send({type: "snapshot", seq: 900, state: {text: "so far"}});
+          send({type: "snapshot", seq: 800, state: {text: "older"}});  // not shown again
+          send({type: "chunk", seq: 901, chunk: {}});
+          return {got: got, sent: socket.sent, url: socket.url};
+        }"""
+    )
+    assert result["url"].endswith("?ack=1&last_seq=0")  # it takes snapshots
+    assert result["got"] == [["snapshot", 900, "so far"], ["chunk", 901]]
+    assert result["sent"] == [{"type": "ack", "seq": 900}]  # 900 read at once: acked now

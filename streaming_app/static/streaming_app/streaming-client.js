@@ -4,7 +4,12 @@
  *   const client = new StreamingClient("<stream id>", {
  *     onChunk(chunk, seq) {}, onGap(fromSeq, toSeq) {}, onClosed(reason, code) {},
  *     onError(code, message) {}, onStatus(status) {},
+ *     onSnapshot(state, seq) {},  // the reply up to seq, assembled: render it instead
  *   });
+ *
+ * A client that joins far behind gets one snapshot (the reply so far, as transcript.js's
+ * StreamingTranscript assembles it) instead of every chunk; without onSnapshot it asks the
+ * server for the chunks (?replay=chunks).
  *   client.connect();  client.cancel();  client.close();
  *
  * It reconnects with exponential back-off and full jitter after a dropped connection, a
@@ -57,7 +62,8 @@
   StreamingClient.prototype.url = function () {
     var scheme = global.location.protocol === "https:" ? "wss://" : "ws://";
     return scheme + global.location.host + this.basePath +
-      encodeURIComponent(this.streamId) + "/?ack=1&last_seq=" + this.lastSeq;
+      encodeURIComponent(this.streamId) + "/?ack=1&last_seq=" + this.lastSeq +
+      (typeof this.handlers.onSnapshot === "function" ? "" : "&replay=chunks");
   };
 
   StreamingClient.prototype.emit = function (name) {
@@ -131,6 +137,12 @@
         if (frame.seq !== null) this.lastSeq = frame.seq;
         this.emit("onChunk", frame.chunk, frame.seq);
         if (frame.seq !== null) this.read();
+        break;
+      case "snapshot":
+        if (frame.seq <= this.lastSeq) return;
+        this.lastSeq = frame.seq;
+        this.emit("onSnapshot", frame.state, frame.seq);
+        this.read();
         break;
       case "gap":
         this.lastSeq = Math.max(this.lastSeq, frame.to_seq);
