@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from .servers import DaphneServer, manager_call, start_python
+from .servers import DaphneServer, manager_call, start_python, with_settings
 from .test_browser import ARGS, CHROMIUM
 from .test_slow_clients import MIB, produce, rss
 
@@ -82,8 +82,9 @@ def test_a_late_joiner_renders_a_long_reply_from_one_snapshot(
     env: dict[str, str], tmp_path: Path
 ) -> None:
     """The chat page following a 1,000-delta reply it joins late: one snapshot frame, then the
-    tail, and the bubble holds the whole text."""
-    env = {**env, "DJANGO_DEBUG": "1"}
+    tail, and the bubble holds the whole text; the Redis history keeps only 100 chunks, so the
+    producer's process kept the snapshot in Redis and the worker read it from there."""
+    env = with_settings({**env, "DJANGO_DEBUG": "1"}, HISTORY_MAX_CHUNKS=100)
     with (
         DaphneServer(env, log=tmp_path / "daphne.log") as server,
         sync_playwright() as playwright,
