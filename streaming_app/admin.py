@@ -235,7 +235,9 @@ class StreamAdmin(_StreamAdmin):
         items = format_html_join(
             "", '<li value="{}"><code>{}</code></li>', ((s, t[:300]) for s, t in replay.entries)
         )
-        return format_html("<ol>{}</ol>", items)
+        return format_html("<details><summary>{}</summary><ol>{}</ol></details>",
+                           _("%(count)d raw chunks") % {"count": len(replay.entries)},
+                           items)  # fmt: skip
 
     def get_inline_instances(
         self, request: HttpRequest, obj: Stream | None = None

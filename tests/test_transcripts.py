@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from django.test import override_settings
@@ -156,4 +157,5 @@ async def test_the_admin_shows_the_transcript_to_those_who_may_read_it() -> None
     page = (await root.get(url)).content.decode()
     assert "The weather is clear." in page
     assert "<td>forecast</td>" in page and "{&quot;sky&quot;: &quot;clear&quot;}" in page
+    assert re.search(r"<details><summary>\d+ raw chunks</summary><ol><li value=\"1\">", page)
     assert "The weather is clear." not in (await staff.get(url)).content.decode()
