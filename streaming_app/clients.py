@@ -292,15 +292,18 @@ class Follower:
 
     async def refuse(self, exc: GMIError) -> None:
         """Tell the peer why it cannot follow the stream, then close with the matching code."""
+        self.log_refusal(exc)
+        await self.fail(
+            str(exc.code), exc.message, CLOSE_CODE_FOR_ERROR.get(exc.code, CloseCode.UNAVAILABLE)
+        )
+
+    def log_refusal(self, exc: GMIError) -> None:
         logger.info(
             "client %s refused on stream %r: %s",
             self.client_id,
             self.stream_id,
             exc.message.encode("unicode_escape").decode(),
         )  # one line, whatever the id
-        await self.fail(
-            str(exc.code), exc.message, CLOSE_CODE_FOR_ERROR.get(exc.code, CloseCode.UNAVAILABLE)
-        )
 
     async def fail(self, code: str, message: str, close_code: int) -> None:
         """An ``error`` frame, then close with ``close_code`` (once)."""

@@ -86,12 +86,7 @@ class EventStream(Follower):
         if self.started:
             await super().refuse(exc)
             return
-        logger.info(
-            "client %s refused on stream %r: %s",
-            self.client_id,
-            self.stream_id,
-            exc.message.encode("unicode_escape").decode(),
-        )  # one line, whatever the id
+        self.log_refusal(exc)
         self.ended = self.started = self.finished = True
         await self._send({"type": "http.response.start", "status": int(exc.http_status),
                           "headers": [(b"content-type", b"application/json")]})  # fmt: skip
