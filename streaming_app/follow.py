@@ -9,11 +9,13 @@
             print("missed", frame["from_seq"], "to", frame["to_seq"])
 
 It yields ``chunk`` and ``gap`` frames in order, each once, then the ``closed`` frame, and
-returns. It acks what the caller has taken (every ``ack_every`` chunks or a quarter of the
-server's window, or ``ack_interval`` seconds after the last one), so a caller that stops
-taking frames is paused by the server instead of costing it memory, and it comes back with
-``last_seq`` after a dropped connection, a restart (4012) or a send-off (4013). A refusal (an
-``error`` frame and a final close code) raises :class:`StreamRefused`.
+returns; with ``snapshots=True``, a client far behind gets one ``snapshot`` frame (the reply
+assembled up to its ``seq``) instead of the chunks it missed. It acks what the caller has
+taken (every ``ack_every`` chunks or a quarter of the server's window, or ``ack_interval``
+seconds after the last one), so a caller that stops taking frames is paused by the server
+instead of costing it memory, and it comes back with ``last_seq`` after a dropped connection,
+a restart (4012) or a send-off (4013). A refusal (an ``error`` frame and a final close code)
+raises :class:`StreamRefused`.
 
 Needs the ``websockets`` package (``pip install "streaming-app[client]"``).
 """
@@ -73,6 +75,7 @@ async def follow_stream(
     max_attempts: int = 10,
     backoff: float = 0.25,
     headers: Mapping[str, str] | None = None,
+    snapshots: bool = False,
 ) -> AsyncGenerator[dict[str, Any]]:
     """Follow the stream at ``url`` (``ws://.../ws/streams/<id>/``) from ``last_seq``."""
     try:
@@ -87,7 +90,8 @@ async def follow_stream(
     while True:
         error: dict[str, Any] = {}
         try:
-            address = stream_url(url, last_seq=last_seq, ack=1)
+            replay = {} if snapshots else {"replay": "chunks"}
+            address = stream_url(url, last_seq=last_seq, ack=1, **replay)
             async with connect(address, additional_headers=headers) as socket:
                 acked = read = last_seq
                 unacked_bytes, ack_bytes = 0, 256 * 1024
@@ -113,8 +117,8 @@ async def follow_stream(
                     elif kind == "closed":
                         yield frame
                         return
-                    elif kind in ("chunk", "gap"):
-                        seq = frame["seq"] if kind == "chunk" else frame["to_seq"]
+                    elif kind in ("chunk", "gap", "snapshot"):
+                        seq = frame["to_seq"] if kind == "gap" else frame["seq"]
                         if seq is not None and seq <= last_seq:
                             continue  # already taken (a resume overlapped)
                         yield frame

@@ -103,7 +103,7 @@ class SlowEventSource:
     """An SSE response nobody reads; later read to its end and resumed with Last-Event-ID."""
 
     def __init__(self, server: DaphneServer, sid: str) -> None:
-        self.server, self.path = server, f"/streams/{sid}/events"
+        self.server, self.path = server, f"/streams/{sid}/events?replay=chunks"
         self.seqs: list[int] = []
         self.sock = small_socket(server.port)
 
