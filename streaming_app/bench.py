@@ -329,8 +329,19 @@ class Worker:
         self.raw = system.startswith("raw")
         self.port = free_port()
         self.tag = f"{system}-{layer}"
+        self.daphne: subprocess.Popen[bytes] | None = None
+        self.producer: subprocess.Popen[bytes] | None = None
+        self.transport: asyncio.ReadTransport | None = None
 
     async def __aenter__(self) -> Worker:
+        try:
+            await self._start()
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _start(self) -> None:
         children, env = self.deployment.children, self.deployment.env(self.layer)
         app = "streaming_app.bench_raw:application" if self.raw else "project.asgi:application"
         with self.deployment.log(f"daphne-{self.tag}.log") as log:
@@ -351,23 +362,29 @@ class Worker:
         self.transport, _ = await loop.connect_read_pipe(lambda: protocol, self.producer.stdout)
         await asyncio.to_thread(_wait_port, self.port, 30, self.daphne)
         await self.request({"op": "ping"}, within=60)
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         try:
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
         finally:
             try:
-                self.deployment.children.stop(self.producer)
+                if self.producer is not None:
+                    self.deployment.children.stop(self.producer)
             finally:
-                self.deployment.children.stop(self.daphne)
+                if self.daphne is not None:
+                    self.deployment.children.stop(self.daphne)
 
     async def request(self, spec: dict[str, Any], within: float) -> dict[str, Any]:
         """Send the producer one request; its answer. Raises RuntimeError if it failed."""
-        assert self.producer.stdin is not None
-        self.producer.stdin.write((json.dumps(spec) + "\n").encode())
-        self.producer.stdin.flush()
-        line = await asyncio.wait_for(self.replies.readline(), within)
+        assert self.producer is not None and self.producer.stdin is not None
+        try:
+            self.producer.stdin.write((json.dumps(spec) + "\n").encode())
+            self.producer.stdin.flush()
+        except BrokenPipeError:
+            line = b""
+        else:
+            line = await asyncio.wait_for(self.replies.readline(), within)
         if not line:
             log = (self.deployment.tmp / f"producer-{self.tag}.log").read_text(errors="replace")
             raise RuntimeError(f"the producer exited: {log[-2000:]}")
@@ -385,6 +402,7 @@ class Worker:
         return f"ws://127.0.0.1:{self.port}/{path}"
 
     def cpu(self) -> float:
+        assert self.daphne is not None
         return cpu_seconds(self.daphne.pid)
 
     async def quiet(self, limit: float = 10.0) -> None:

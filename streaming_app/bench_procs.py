@@ -8,6 +8,7 @@ CPU time is read from ``/proc/<pid>/stat`` (utime + stime), as ``top`` does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -37,7 +38,8 @@ def stop(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
     process.wait(30)  # after SIGKILL: only a process stuck in the kernel takes this long
     for stream in (process.stdin, process.stdout, process.stderr):
         if stream is not None:
-            stream.close()
+            with contextlib.suppress(OSError):  # a pipe to a dead process: nothing to flush to
+                stream.close()
 
 
 class Children:
