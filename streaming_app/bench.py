@@ -3,16 +3,16 @@ same layer, in the same run, through the same Daphne setup.
 
 - ``in_process``: push throughput of ``push_chunk`` against raw ``group_send`` of the same
   payload to the same group members, on the configured layer.
-- end to end (:func:`run_worker`): one Daphne worker per system and layer, a producer process
+- end to end (:func:`run_worker`): a fresh Daphne worker per measurement, a producer process
   and real WebSocket clients; delivered chunks/s, p50/p99 latency (producer timestamp to client
   receipt), lost, duplicated and reordered deliveries per client, the worker's CPU per
   delivery and the producer's CPU per push. On the primary layer also the scaling table
   (streams x clients per stream at 10 chunks/s), WebSocket connects/s and the worker's CPU with
   idle clients connected.
 
-A client counts a chunk as lost only once its stream has ended (the producer closed it, or for
-raw Channels sent its end marker) and the drain timeout after that has passed: never while the
-producer is starting or pushing.
+A chunk counts as lost only once its stream has ended (the producer closed it, or for raw
+Channels sent its end marker) and then nothing has arrived for the drain timeout: never while
+the producer is starting or pushing, nor while a backlog is still draining.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Plan:
     idle_clients: int
     idle_streams: int
     idle_window: float  # seconds of the worker's CPU read with the idle clients connected
-    drain: float  # seconds a client still waits for chunks after its stream ended
+    drain: float  # after the streams ended, clients give up once nothing arrived for this long
 
 
 # (streams, clients per stream): clients per stream 1/10/50/200 at 10 streams, and streams
@@ -487,8 +487,7 @@ async def run_scenario(worker: Worker, scenario: Scenario, drain: float) -> Resu
         spec = {"op": "produce", "ids": ids, "chunks": scenario.chunks, "rate": scenario.rate}
         pace = scenario.chunks / scenario.rate if scenario.rate else 0
         produced = await worker.request(spec, within=120 + 3 * pace)
-        # The streams have ended: from now on, whatever has not arrived within the drain is lost.
-        _, pending = await asyncio.wait(tasks, timeout=drain)
+        pending = await _drain(tasks, received, drain)
         cpu = worker.cpu() - cpu
     finally:
         for task in tasks:
@@ -504,9 +503,26 @@ async def run_scenario(worker: Worker, scenario: Scenario, drain: float) -> Resu
     pushes = scenario.streams * scenario.chunks
     result.producer_cpu_us_per_push = round(produced["cpu_s"] / pushes * 1e6, 1)
     if pending:
-        result.notes.append(f"{len(pending)} client(s) still waiting {drain:g} s after the end")
+        result.notes.append(f"{len(pending)} client(s) gave up: nothing arrived for {drain:g} s "
+                            "after the end")  # fmt: skip
     await worker.quiet()
     return result
+
+
+async def _drain(tasks: list[asyncio.Task[None]], received: list[list[Any]], drain: float,
+                 limit: float = 300.0) -> set[asyncio.Task[None]]:  # fmt: skip
+    """After the streams ended: wait for the clients while chunks still arrive (a backlog
+    draining is late, not lost), until none arrived for ``drain`` seconds or ``limit`` passed;
+    the clients still waiting then (whatever they miss is lost)."""
+    deadline = time.monotonic() + limit
+    pending, count = set(tasks), -1
+    while pending and time.monotonic() < deadline:
+        arrived = sum(len(got) for got in received)
+        if arrived == count:
+            break
+        count = arrived
+        _, pending = await asyncio.wait(pending, timeout=drain)
+    return pending
 
 
 async def _all_ready(tasks: list[asyncio.Task[None]], ready: list[asyncio.Event], within: float
@@ -611,20 +627,23 @@ async def connects_and_idle(worker: Worker, clients: int, streams: int, window: 
 
 async def run_worker(deployment: Deployment, system: str, layer: str, plan: Plan,
                      primary: bool) -> WorkerResults:  # fmt: skip
-    """Everything one system measures on one layer, through one Daphne worker."""
+    """Everything one system measures on one layer, each measurement on a fresh Daphne worker
+    and producer (nothing carries over from the one before)."""
     out = WorkerResults()
-    async with Worker(deployment, system, layer) as worker:
-        for scenario in plan.scenarios:
+    for scenario in plan.scenarios:
+        async with Worker(deployment, system, layer) as worker:
             out.end_to_end.append(await run_scenario(worker, scenario, plan.drain))
-        if primary and system in SCALING_SYSTEMS:
-            for cell in plan.scaling:
+    if primary and system in SCALING_SYSTEMS:
+        for cell in plan.scaling:
+            async with Worker(deployment, system, layer) as worker:
                 out.scaling.append(await run_scenario(worker, cell, plan.drain))
-        if primary:
+    if primary:
+        async with Worker(deployment, system, layer) as worker:
             connects, idle = await connects_and_idle(
                 worker, plan.idle_clients, plan.idle_streams, plan.idle_window
             )
-            out.connects.append(connects)
-            out.idle.append(idle)
+        out.connects.append(connects)
+        out.idle.append(idle)
     return out
 
 
