@@ -121,16 +121,16 @@ def test_quick_benchmark_reports_every_row_and_goal_and_streaming_app_loses_noth
 
 @pytest.mark.database_independent
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("interruption", ["ctrl-c", "producer-dies"])
+@pytest.mark.parametrize("interruption", ["ctrl-c", "sigterm", "producer-dies"])
 def test_an_interrupted_benchmark_leaves_no_process(
     interruption: str, redis_url: str, tmp_path: Path
 ) -> None:
-    """Ctrl-C (SIGINT to the command), or an exception (its producer process killed), in the
-    middle of the end-to-end part: the command fails and stops its redis-server, Daphne and
-    producer."""
+    """Ctrl-C (SIGINT to the command), SIGTERM, or an exception (its producer process killed),
+    in the middle of the end-to-end part: the command fails and stops its redis-server, Daphne
+    and producer."""
     env = base_env(DATABASE_URL=migrated_sqlite(tmp_path), REDIS_URL=redis_url)
     bench = start_bench("--quick", "--layers", "pubsub", env=env)  # its own redis-server
-    wanted = "daphne" if interruption == "ctrl-c" else "--agent"
+    wanted = "--agent" if interruption == "producer-dies" else "daphne"
     deadline = time.monotonic() + 120
     while not any(wanted in p for p in session_processes(bench.pid)):
         assert bench.poll() is None, bench.communicate()
@@ -140,6 +140,8 @@ def test_an_interrupted_benchmark_leaves_no_process(
     assert any("redis-server" in p for p in running), running
     if interruption == "ctrl-c":
         bench.send_signal(signal.SIGINT)
+    elif interruption == "sigterm":
+        bench.send_signal(signal.SIGTERM)
     else:
         pid = next(int(p.split(":")[0]) for p in running if "--agent" in p)
         os.kill(pid, signal.SIGKILL)
