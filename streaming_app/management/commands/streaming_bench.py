@@ -1,26 +1,35 @@
 """``manage.py streaming_bench``: streaming_app against raw Channels, in the same run.
 
 Prints in-process push throughput (manager vs raw ``group_send``) and, end to end through
-Daphne + Redis with real WebSocket clients, delivered chunks/s, p50/p99 latency and lost,
-duplicated and reordered deliveries, for both channels_redis layers.
+Daphne + Redis with real WebSocket clients, delivered chunks/s, p50/p99 latency, lost,
+duplicated and reordered deliveries and CPU per delivery and per push, for both channels_redis
+layers; on the default layer also a scaling table, connects/s and idle CPU; then each ratio
+against its goal. Every process it starts is stopped before it exits, whatever ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from argparse import ArgumentParser
+from types import FrameType
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
-from streaming_app import bench
+from streaming_app import bench, bench_report
+from streaming_app.bench_procs import Children
 from streaming_app.manager import get_streaming_manager
 
 
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally that stops the children
+
+
 class Command(BaseCommand):
-    help = "Benchmark streaming_app against raw Channels on the same layer (ratios printed)."
+    help = "Benchmark streaming_app against raw Channels on the same layer (goals printed)."
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--quick", action="store_true", help="Small scenarios (for tests).")
@@ -29,52 +38,66 @@ class Command(BaseCommand):
         parser.add_argument("--database-url", help="Default: a temporary SQLite file.")
         parser.add_argument("--layers", default="redis,pubsub", help="redis, pubsub or both.")
         parser.add_argument("--in-process-chunks", type=int, default=5000)
-        # Internal roles of the subprocesses the benchmark starts.
-        parser.add_argument("--produce", help="(internal) run a producer for a JSON spec.")
-        parser.add_argument("--create", type=int, help="(internal) create N streams.")
+        # The internal role of the producer processes the benchmark starts.
+        parser.add_argument("--agent", help="(internal) serve producer requests for a system.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["produce"]:
-            asyncio.run(bench.produce(json.loads(options["produce"])))
-            return
-        if options["create"]:
-            manager = get_streaming_manager()
-
-            async def create() -> list[str]:
-                return [await manager.create_stream() for _ in range(options["create"])]
-
-            self.stdout.write(json.dumps(async_to_sync(create)()))
+        if options["agent"]:
+            asyncio.run(bench.serve_producer(options["agent"]))
             return
         layers = [name.strip() for name in options["layers"].split(",") if name.strip()]
         unknown = [name for name in layers if name not in bench.LAYERS]
         if unknown:
             raise CommandError(f"Unknown layer {unknown[0]!r}: choose from redis, pubsub.")
-        quick = options["quick"]
-        scenarios = (
-            [bench.Scenario("a", 1, 3, 200, 0), bench.Scenario("b", 5, 2, 20, 20)]
-            if quick
-            else [bench.Scenario("a", 1, 10, 2000, 0), bench.Scenario("b", 50, 2, 200, 20)]
-        )
+        primary = bench.PRIMARY_LAYER if bench.PRIMARY_LAYER in layers else layers[0]
+        plan = bench.plan(options["quick"])
         report: dict[str, Any] = {}
         manager = get_streaming_manager()
-        chunks = 500 if quick else options["in_process_chunks"]
+        chunks = 500 if options["quick"] else options["in_process_chunks"]
         report["in_process"] = async_to_sync(bench.in_process)(manager, chunks, 10)
-        deployment = bench.Deployment(options["redis_url"], options["database_url"])
+        previous = signal.signal(signal.SIGTERM, _terminated)
+        children = Children()
+        deployment: bench.Deployment | None = None
+        results = bench.WorkerResults()
         try:
-            results = [
-                bench.end_to_end(deployment, system, layer, scenario)
-                for scenario in scenarios
-                for layer in layers
-                for system in bench.SYSTEMS
-            ]
+            deployment = bench.Deployment(children, options["redis_url"], options["database_url"])
+            for layer in layers:
+                for system in bench.SYSTEMS:
+                    out = asyncio.run(bench.run_worker(deployment, system, layer, plan,
+                                                       primary=layer == primary))  # fmt: skip
+                    results.end_to_end += out.end_to_end
+                    results.scaling += out.scaling
+                    results.connects += out.connects
+                    results.idle += out.idle
         finally:
-            deployment.close()
-        report["end_to_end"] = [bench.result_row(r) for r in results]
-        report["ratios"] = self.ratios(results)
+            try:
+                children.close()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                if deployment is not None:
+                    deployment.close()
+        order = {name: i for i, name in enumerate(bench.SYSTEMS)}
+        results.end_to_end.sort(key=lambda r: (r.scenario, layers.index(r.layer),
+                                               order[r.system]))  # fmt: skip
+        scaling_order = [cell.name for cell in plan.scaling]
+        results.scaling.sort(key=lambda r: (scaling_order.index(r.scenario), order[r.system]))
+        report["end_to_end"] = [bench.result_row(r) for r in results.end_to_end]
+        report["ratios"] = self.ratios(results.end_to_end)
+        report["scaling"] = [bench.result_row(r) for r in results.scaling]
+        report["connects"] = [bench.result_row(r) for r in results.connects]
+        report["idle"] = [bench.result_row(r) for r in results.idle]
+        report["goals"] = bench_report.goals(report)
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2))
         else:
-            self.print_table(report)
+            for line in bench_report.render(report):
+                self.stdout.write(line)
+            for scenario, ratio in report["ratios"].items():
+                self.stdout.write(
+                    f"Scenario ({scenario}): streaming_app delivered "
+                    f"{ratio['rate_vs_best_raw']:.2f}x the best raw consumer and layer; p99 "
+                    f"{ratio['p99_vs_raw_pubsub']:.2f}x the best raw consumer on pub/sub"
+                )
 
     def ratios(self, results: list[bench.Result]) -> dict[str, dict[str, float]]:
         """streaming_app against the best raw consumer (with or without Channels' hop), per
@@ -99,39 +122,3 @@ class Command(BaseCommand):
                 else 0.0,
             }
         return out
-
-    def print_table(self, report: dict[str, Any]) -> None:
-        ip = report["in_process"]
-        self.stdout.write(
-            f"In process (push throughput, same layer and group): raw group_send "
-            f"{ip['raw']:,.0f}/s, streaming_app push_chunk {ip['streaming_app']:,.0f}/s, "
-            f"ratio {ip['ratio']:.2f}"
-        )
-        header = ("scenario", "system", "layer", "expected", "delivered", "lost", "dup",
-                  "reordered", "chunks/s", "p50 ms", "p99 ms")  # fmt: skip
-        rows = [header] + [
-            (
-                r["scenario"],
-                r["system"],
-                r["layer"],
-                r["expected"],
-                r["delivered"],
-                r["lost"],
-                r["duplicated"],
-                r["reordered"],
-                r["rate"],
-                r["p50_ms"],
-                r["p99_ms"],
-            )
-            for r in report["end_to_end"]
-        ]
-        cells = [[str(c) for c in row] for row in rows]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-        for row in cells:
-            self.stdout.write("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-        for scenario, ratio in report["ratios"].items():
-            self.stdout.write(
-                f"Scenario ({scenario}): streaming_app delivered {ratio['rate_vs_best_raw']:.2f}x "
-                f"the best raw consumer and layer; p99 {ratio['p99_vs_raw_pubsub']:.2f}x the "
-                "best raw consumer on pub/sub"
-            )
