@@ -54,6 +54,7 @@ SYSTEMS = ("raw", "raw-nohop", "streaming_app")
 BASELINE = "raw-nohop"
 SCALING_SYSTEMS = (BASELINE, "streaming_app")
 RAW_PATHS = {"raw": "raw", "raw-nohop": "rawnohop"}
+ACK_BYTES = 256 * 1024  # a quarter of the default window: when a client acks at the latest
 CONNECT_CONCURRENCY = 100  # handshakes in flight at once (below Daphne's backlog of 1024)
 
 
@@ -398,7 +399,9 @@ class Worker:
         return list(reply["ids"])
 
     def url(self, stream_id: str) -> str:
-        path = f"{RAW_PATHS[self.system]}/{stream_id}/" if self.raw else f"ws/streams/{stream_id}/"
+        # streaming_app's clients ack what they read, as its JavaScript client does.
+        path = (f"{RAW_PATHS[self.system]}/{stream_id}/" if self.raw
+                else f"ws/streams/{stream_id}/?ack=1")  # fmt: skip
         return f"ws://127.0.0.1:{self.port}/{path}"
 
     def cpu(self) -> float:
@@ -448,6 +451,7 @@ async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
     try:
         await _subscribed(ws, raw)
         ready.set()
+        acked, unacked_bytes = 0, 0
         async for text in ws:
             now = time.time()
             frame = json.loads(text)
@@ -457,6 +461,10 @@ async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
                 received.append((frame["seq"], frame["t"], now))
             elif frame["type"] == "chunk":
                 received.append((frame["seq"], frame["chunk"]["metadata"]["t"], now))
+                unacked_bytes += len(text)
+                if frame["seq"] - acked >= 64 or unacked_bytes >= ACK_BYTES:  # as the JS client
+                    acked, unacked_bytes = frame["seq"], 0
+                    await ws.send(json.dumps({"type": "ack", "seq": acked}))
             elif frame["type"] == "closed":
                 return
     except ConnectionClosed:
@@ -696,6 +704,7 @@ async def produce(spec: dict[str, Any]) -> dict[str, Any]:
 
     interval = 1 / spec["rate"] if spec["rate"] else 0
     count = len(spec["ids"])
+    padding = "x" * spec.get("pad", 0)  # bigger chunks (the slow-client run)
     cpu, start = time.process_time(), time.perf_counter()
 
     async def one(index: int, stream_id: str) -> None:
@@ -705,12 +714,11 @@ async def produce(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(max(0, next_at - time.perf_counter()))
         for seq in range(1, spec["chunks"] + 1):
             if raw:
-                text = json.dumps({"seq": seq, "t": time.time(), "text": f"tok{seq} "})
+                text = json.dumps({"seq": seq, "t": time.time(), "text": f"tok{seq} " + padding})
                 await layer.group_send("rawbench." + stream_id, {"type": "raw.chunk", "text": text})
             else:
-                chunk = TextDeltaChunk(
-                    stream_id=stream_id, text_delta=f"tok{seq} ", metadata={"t": time.time()}
-                )
+                chunk = TextDeltaChunk(stream_id=stream_id, text_delta=f"tok{seq} " + padding,
+                                       metadata={"t": time.time()})  # fmt: skip
                 await manager.push_chunk(stream_id, chunk)
             if interval:
                 next_at += interval

@@ -100,15 +100,17 @@ async def _snapshot_against_replay(deltas: int) -> list[JoinResult]:
         await manager.close_stream(stream_id, "benchmark done")
 
 
-def render(results: list[JoinResult]) -> str:
-    lines = [f"Late join of a {results[0].deltas:,}-delta reply (in process, through the "
-             "consumer; the history holds all of it):",
+def render(results: list[dict[str, Any]]) -> list[str]:
+    """The rows (``JoinResult.to_dict()``) as printed lines."""
+    lines = ["", f"Late join of a {results[0]['deltas']:,}-delta reply (in process, through the "
+             "consumer; the history holds all of it)",
              f"  {'join':<10}{'frames':>9}{'bytes':>13}{'time to text':>15}  whole"]  # fmt: skip
     for r in results:
-        lines.append(f"  {r.mode:<10}{r.frames:>9,}{r.bytes:>13,}{r.seconds * 1000:>12.0f} ms"
-                     f"  {'yes' if r.text_ok else 'NO'}")  # fmt: skip
+        whole = "yes" if r["text_ok"] else "NO"
+        lines.append(f"  {r['mode']:<10}{r['frames']:>9,}{r['bytes']:>13,}"
+                     f"{r['seconds'] * 1000:>12.0f} ms  {whole}")  # fmt: skip
     snap, replay = results
-    lines.append(f"  snapshot/replay: frames {snap.frames / replay.frames:.4f}x, bytes "
-                 f"{snap.bytes / replay.bytes:.3f}x, "
-                 f"time {snap.seconds / replay.seconds:.3f}x")  # fmt: skip
-    return "\n".join(lines)
+    lines.append(f"  snapshot/replay: frames {snap['frames'] / replay['frames']:.4f}x, bytes "
+                 f"{snap['bytes'] / replay['bytes']:.3f}x, "
+                 f"time {snap['seconds'] / replay['seconds']:.3f}x")  # fmt: skip
+    return lines

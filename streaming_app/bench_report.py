@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import bench_join, bench_slow
 from .bench import BASELINE
 
 APP = "streaming_app"
@@ -155,7 +156,15 @@ def render(report: dict[str, Any]) -> list[str]:
              idle[(r["system"], r["layer"])]["cpu_percent"])
             for r in report["connects"]
         ])  # fmt: skip
-    lines += ["", f"Goals: streaming_app against {BASELINE} on the same layer"]
+    if report.get("slow_clients"):
+        lines += bench_slow.render(report["slow_clients"])
+    if report.get("join"):
+        lines += bench_join.render(report["join"])
+    lines += [
+        "",
+        f"Goals: streaming_app against {BASELINE} on the same layer (slow clients: "
+        "against itself without them)",
+    ]
     header = ("goal", "where", "layer", "streaming_app", BASELINE, "ratio", "goal", "verdict")
     lines += table(header, [
         (g["goal"], g["where"], g["layer"], g["streaming_app"], g["baseline"],

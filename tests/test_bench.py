@@ -112,7 +112,15 @@ def test_quick_benchmark_reports_every_row_and_goal_and_streaming_app_loses_noth
         ("idle CPU", "20 clients", "pubsub"),
     }
     assert expected_goals <= goals
-    assert len(goals) == 3 * 2 + 4 * 2 + 2 * 3 + 2  # (a), (b) on both layers; cells; connects
+    # (a), (b) on both layers; cells; connects and idle; the fast client beside slow ones
+    assert len(goals) == 3 * 2 + 4 * 2 + 2 * 3 + 2 + 1
+    alone, beside = report["slow_clients"]  # the fast client acks: it loses nothing either way
+    assert (alone["slow_clients"], beside["slow_clients"]) == (0, 2)
+    assert alone["lost"] == beside["lost"] == 0 and alone["delivered"] == alone["chunks"]
+    snapshot, replay = report["join"]  # one snapshot frame for what 2,000 chunk frames carry
+    assert (snapshot["mode"], replay["mode"]) == ("snapshot", "replay")
+    assert snapshot["text_ok"] and replay["text_ok"]
+    assert snapshot["frames"] == 2 and replay["frames"] == 2_001
     for goal in report["goals"]:
         assert isinstance(goal["met"], bool)
         assert goal["target"] in {">= 1.0", "<= 1.1", "<= 1.5", "<= 1.2", ">= 0.5", "<= 2.0"}

@@ -19,7 +19,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
-from streaming_app import bench, bench_report
+from streaming_app import bench, bench_join, bench_report, bench_slow
 from streaming_app.bench_procs import Children
 from streaming_app.manager import get_streaming_manager
 
@@ -55,6 +55,9 @@ class Command(BaseCommand):
         manager = get_streaming_manager()
         chunks = 500 if options["quick"] else options["in_process_chunks"]
         report["in_process"] = async_to_sync(bench.in_process)(manager, chunks, 10)
+        deltas = 2_000 if options["quick"] else 20_000
+        joins = async_to_sync(bench_join.snapshot_against_replay)(deltas)
+        report["join"] = [r.to_dict() for r in joins]
         previous = signal.signal(signal.SIGTERM, _terminated)
         children = Children()
         deployment: bench.Deployment | None = None
@@ -69,6 +72,9 @@ class Command(BaseCommand):
                     results.scaling += out.scaling
                     results.connects += out.connects
                     results.idle += out.idle
+            slow = asyncio.run(bench_slow.compare(deployment, primary, options["quick"],
+                                                  plan.drain))  # fmt: skip
+            report["slow_clients"] = [r.to_dict() for r in slow]
         finally:
             try:
                 children.close()
@@ -87,6 +93,7 @@ class Command(BaseCommand):
         report["connects"] = [bench.result_row(r) for r in results.connects]
         report["idle"] = [bench.result_row(r) for r in results.idle]
         report["goals"] = bench_report.goals(report)
+        report["goals"].append(bench_slow.goal(report["slow_clients"], primary))
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2))
         else:
