@@ -92,6 +92,7 @@ class StreamingManager:
         self._layer: StreamLayer | None = None
         self._publish_prefix = ""
         self._fast_path_proven: asyncio.Future[bool] | None = None
+        self._proving: asyncio.Future[bool] | None = None  # the proof started at a create
 
     @property
     def worker_id(self) -> str:
@@ -254,6 +255,10 @@ class StreamingManager:
             raise self._backend_error(stream_id, "history", exc) from exc
         self.stats["streams_created"] += 1
         logger.info("stream %s created (owner=%s)", stream_id, owner_id)
+        if self._publish_prefix and self._fast_path_proven is None:
+            # Prove the one-round-trip push now, while the caller starts its agent, not when
+            # its first chunk is waiting.
+            self._proving = asyncio.ensure_future(self._fast_path())
         return stream_id
 
     async def register_client(self, stream_id: str, client: StreamClient) -> None:
@@ -716,6 +721,9 @@ class StreamingManager:
         return backend_error(stream_id, what, exc)
 
     async def _stop_background(self) -> None:
+        if self._proving is not None:
+            await asyncio.gather(self._proving, return_exceptions=True)
+            self._proving = None
         await self.sweeper.stop()
         await self.worker.stop()
         await self.watches.stop()
@@ -725,6 +733,8 @@ class StreamingManager:
         self.watches.cancel()
         self.sweeper.cancel()
         self.worker.cancel()
+        if self._proving is not None:
+            self._proving.cancel()
 
 
 def _send_failed(
