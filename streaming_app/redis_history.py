@@ -111,6 +111,7 @@ class RedisHistory:
         self.max_age_seconds = max_age_seconds
         self.max_connections = max_connections
         self._clients: dict[asyncio.AbstractEventLoop, tuple[Redis, AsyncScript, AsyncScript]] = {}
+        self._reads: dict[tuple[str, int, int | None], asyncio.Future[Replay]] = {}
 
     @classmethod
     def from_settings(cls) -> RedisHistory:
@@ -227,6 +228,22 @@ class RedisHistory:
         return AppendResult(seq=status)
 
     async def read_after(self, stream_id: str, after_seq: int, up_to: int | None = None) -> Replay:
+        """One round trip for the same read asked by several followers at once (every client
+        of a stream in this worker reading a chunk that came by seq)."""
+        key = (stream_id, after_seq, up_to)
+        pending = self._reads.get(key)
+        if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+            pending = asyncio.ensure_future(self._read_after(stream_id, after_seq, up_to))
+            self._reads[key] = pending
+
+            def forget(done: asyncio.Future[Replay]) -> None:
+                if self._reads.get(key) is done:
+                    del self._reads[key]
+
+            pending.add_done_callback(forget)
+        return await asyncio.shield(pending)
+
+    async def _read_after(self, stream_id: str, after_seq: int, up_to: int | None) -> Replay:
         client, _, _ = self._client()
         meta, log, _ = _keys(stream_id)
         end = "+" if up_to is None else f"{up_to}-0"

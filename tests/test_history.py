@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -154,3 +155,27 @@ async def test_memory_history_stays_within_its_total_budget_dropping_the_oldest_
     assert [seq for seq, _ in replay.entries] == [5, 6, 7, 8, 9, 10]  # a client gets a gap first
     await history.forget("old")
     assert history.size == 400
+
+
+async def test_the_same_redis_read_asked_at_once_is_one_round_trip(redis_url: str) -> None:
+    """Every follower of a stream in a worker reads a chunk that came by seq at once: one
+    XRANGE serves them all (counted by Redis itself)."""
+    import redis
+
+    history = RedisHistory(redis_url, max_chunks=100, max_age_seconds=60)
+    await history.open("s")
+    for i in range(3):
+        await history.append("s", f'"{i}"', take_failures=False)
+
+    def xranges() -> int:
+        with redis.Redis.from_url(redis_url) as client:
+            stats = client.info("commandstats").get("cmdstat_xrange", {"calls": 0})
+            return int(stats["calls"])
+
+    before = xranges()
+    replays = await asyncio.gather(*(history.read_after("s", 1, 2) for _ in range(5)))
+    assert [r.entries for r in replays] == [[(2, '"1"')]] * 5
+    assert xranges() - before == 1
+    await history.read_after("s", 1, 2)  # a read after those is a read of its own
+    assert xranges() - before == 2
+    await history.aclose()
