@@ -658,8 +658,10 @@ class StreamingManager:
         decided = self._fast_path_proven
         if decided is not None and decided.done():
             return decided.result()  # the hot path: decided once per process
-        if self._fast_path_proven is None:
-            self._fast_path_proven = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if decided is None or decided.get_loop() is not loop:
+            # (A proof begun in a loop that is gone, e.g. the sync facade's, starts again here.)
+            future = self._fast_path_proven = loop.create_future()
             try:
                 proven = await self._prove_fast_path()
             except Exception as exc:
@@ -667,8 +669,9 @@ class StreamingManager:
                              type(exc).__name__, exc)  # fmt: skip
                 proven = False
             self.stats["fast_path_proven" if proven else "fast_path_failed"] = 1
-            self._fast_path_proven.set_result(proven)
-        return await asyncio.shield(self._fast_path_proven)
+            future.set_result(proven)
+            return proven
+        return await asyncio.shield(decided)
 
     async def _prove_fast_path(self) -> bool:
         probe = f"__probe__.{uuid.uuid4().hex}"
@@ -721,9 +724,9 @@ class StreamingManager:
         return backend_error(stream_id, what, exc)
 
     async def _stop_background(self) -> None:
-        if self._proving is not None:
-            await asyncio.gather(self._proving, return_exceptions=True)
-            self._proving = None
+        proving, self._proving = self._proving, None
+        if proving is not None and proving.get_loop() is asyncio.get_running_loop():
+            await asyncio.gather(proving, return_exceptions=True)
         await self.sweeper.stop()
         await self.worker.stop()
         await self.watches.stop()

@@ -15,6 +15,7 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 from django.contrib.sessions.backends.db import SessionStore
+from playwright.sync_api import Browser, sync_playwright
 
 from streaming_app import manager as manager_module
 from streaming_app.chunks import AgentOSResponse, TextDeltaChunk
@@ -218,3 +219,19 @@ def connect(peers: list[WebsocketCommunicator], session_key: str) -> Any:
         return Peer(communicator)
 
     return connect
+
+
+# Debian's Chromium, headless, as every browser test runs it.
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()

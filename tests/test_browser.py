@@ -8,17 +8,15 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
+from .conftest import ARGS, CHROMIUM
 from .servers import DaphneServer, base_env, manage, migrated_sqlite
+
+__all__ = ["ARGS", "CHROMIUM"]  # the other browser tests launch their own Chromium with these
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 # Set to a path to save the README's screenshot of the chat page.
 SCREENSHOT = os.environ.get("STREAMING_SCREENSHOT", "")
 
@@ -34,14 +32,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaphneServer]:
     assert made.returncode == 0, made.stderr
     with DaphneServer(env, log=directory / "daphne.log") as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
