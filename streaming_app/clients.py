@@ -251,11 +251,13 @@ class Follower:
                 await self.refuse(exc)
                 return False
             active, reason = False, exc.details.get("reason", "")
-        await self.delivery.catch_up(self.delivery.delivered_seq)  # reads the head, no chunk
+        # One read: the first page of what it missed, and the head.
+        first: list[Chunk | Gap] | None = await self.delivery.catch_up(limit=self.room())
         head = max(self.delivery.head_seq, self.delivery.delivered_seq)
         if not active:  # what it missed, then closed (after its acks, if it is paused)
-            await self.send_snapshot(manager, head)
-            await self.fill()
+            if await self.send_snapshot(manager, head):
+                first = None
+            await self.fill(page=first)
             self.closing = (CloseCode.STREAM_GONE, reason, self.delivery.head_seq)
             await self.finish_closing()
             return False
@@ -264,18 +266,20 @@ class Follower:
         text = frame(ServerFrame.SUBSCRIBED, stream_id=self.stream_id, client_id=self.client_id,
                      seq=head, **({"window": window} if self.acking else {}))  # fmt: skip
         await self.write(ServerFrame.SUBSCRIBED, text, None)
-        await self.send_snapshot(manager, head)
-        await self.fill(head)
+        if await self.send_snapshot(manager, head):
+            first = None
+        await self.fill(head, page=first)
         return True
 
-    async def send_snapshot(self, manager: StreamingManager, head: int) -> None:
+    async def send_snapshot(self, manager: StreamingManager, head: int) -> bool:
         """One ``snapshot`` frame (the reducer's state) for a client more than
-        ``SNAPSHOT_AFTER_CHUNKS`` behind ``head``, instead of the chunks it missed."""
+        ``SNAPSHOT_AFTER_CHUNKS`` behind ``head``, instead of the chunks it missed; whether it
+        went (then what was read of those chunks is not sent)."""
         delivery = self.delivery
         assert delivery is not None
         behind = head - self.written_seq
         if not self.snapshots or self.replay_chunks or behind <= app_settings.SNAPSHOT_AFTER_CHUNKS:
-            return
+            return False
         state, seq = await build_snapshot(manager.history, self.stream_id)
         text = frame(ServerFrame.SNAPSHOT, seq=seq, state=state.to_dict())
         sent = self.sent_bytes
@@ -283,12 +287,13 @@ class Follower:
             await self.write(ServerFrame.SNAPSHOT, text, seq)
         except Exception as exc:
             await self.send_failed(exc)
-            return
+            return True
         delivery.delivered_seq = self.written_seq = max(seq, self.written_seq)
         self.wrote(seq, self.sent_bytes - sent)
         metrics.SNAPSHOTS.labels(self.transport).inc()
         logger.info("client %s of stream %s: a snapshot at seq %d instead of %d chunks",
                     self.client_id, self.stream_id, seq, behind)  # fmt: skip
+        return True
 
     async def refuse(self, exc: GMIError) -> None:
         """Tell the peer why it cannot follow the stream, then close with the matching code."""
@@ -420,14 +425,16 @@ class Follower:
             else:
                 metrics.GAP_FRAMES.inc()
 
-    async def fill(self, up_to: int | None = None) -> None:
+    async def fill(self, up_to: int | None = None, *, page: list[Chunk | Gap] | None = None
+                   ) -> None:  # fmt: skip
         """Send what history holds after the written seq up to ``up_to`` (default: the head),
-        a page at a time, while the client has room."""
+        a page at a time, while the client has room; ``page``: the first one, read already."""
         delivery = self.delivery
         assert delivery is not None
         held: Gap | None = None  # a gap that may go on in the next page: one frame for all of it
         while not self.ended and not self.paused:
-            items = await delivery.catch_up(up_to, limit=self.room())
+            items = page if page is not None else await delivery.catch_up(up_to, limit=self.room())
+            page = None
             if held is not None:
                 if items and isinstance(items[0], Gap):
                     items[0] = Gap(held.from_seq, items[0].to_seq)
