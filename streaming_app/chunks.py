@@ -11,7 +11,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -52,12 +52,11 @@ class AgentOSResponse:
     metadata: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        hints = _type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _conforms(value, hints[f.name]):
+        for name, hint, conforms in _checks(type(self)):
+            value = getattr(self, name)
+            if not conforms(value):
                 raise _invalid(
-                    f"{self.type} chunk field {f.name!r} must be {_describe(hints[f.name])}, "
+                    f"{self.type} chunk field {name!r} must be {_describe(hint)}, "
                     f"not {type(value).__name__}",
                     stream_id=self.stream_id if isinstance(self.stream_id, str) else None,
                 )
@@ -65,11 +64,11 @@ class AgentOSResponse:
     def to_wire(self) -> dict[str, Any]:
         """The chunk's JSON form: its fields plus ``type``; ``metadata`` only when set."""
         data: dict[str, Any] = {"type": str(self.type)}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "metadata" and value is None:
+        for name, _, _ in _checks(type(self)):
+            value = getattr(self, name)
+            if name == "metadata" and value is None:
                 continue
-            data[f.name] = value
+            data[name] = value
         return data
 
 
@@ -230,34 +229,43 @@ def _invalid(
     return StreamError(GMIErrorCode.INVALID_ARGUMENT, message, stream_id=stream_id, details=details)
 
 
-_HINTS: dict[type[AgentOSResponse], dict[str, Any]] = {}
+Check = Callable[[Any], bool]
+_CHECKS: dict[type[AgentOSResponse], list[tuple[str, Any, Check]]] = {}
 
 
-def _type_hints(cls: type[AgentOSResponse]) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
+def _checks(cls: type[AgentOSResponse]) -> list[tuple[str, Any, Check]]:
+    """Each field of a chunk class with its type and the check of a value against it, built
+    once per class: a chunk is checked on every push, its hints are not read again."""
+    checks = _CHECKS.get(cls)
+    if checks is None:
+        hints = typing.get_type_hints(cls)
+        checks = _CHECKS[cls] = [
+            (f.name, hints[f.name], _checker(hints[f.name])) for f in dataclasses.fields(cls)
+        ]
+    return checks
 
 
-def _conforms(value: Any, hint: Any) -> bool:
+def _checker(hint: Any) -> Check:
+    """A function telling whether a value is of the type ``hint`` (as JSON would carry it)."""
     if hint is Any:
-        return True
+        return lambda value: True
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
-        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+        alternatives = [_checker(arg) for arg in typing.get_args(hint)]
+        return lambda value: any(conforms(value) for conforms in alternatives)
     if hint is type(None):
-        return value is None
+        return lambda value: value is None
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return lambda value: isinstance(value, int | float) and not isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return lambda value: isinstance(value, int) and not isinstance(value, bool)
     if origin is list:
         (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+        item_conforms = _checker(item)
+        return lambda value: isinstance(value, list) and all(item_conforms(v) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
-    return isinstance(value, hint)
+        return lambda value: isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return lambda value: isinstance(value, hint)
 
 
 def _describe(hint: Any) -> str:
