@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, cast
 
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 SendErrorBehavior = Literal["log_and_continue", "deregister_client", "throw"]
 SEND_ERROR_BEHAVIORS: tuple[SendErrorBehavior, ...] = (
@@ -118,14 +120,26 @@ class StreamingManagerConfig:
 
 
 class AppSettings:
-    """Typed access to ``settings.STREAMING_APP``; unknown keys are reported by system checks."""
+    """Typed access to ``settings.STREAMING_APP``; unknown keys are reported by system checks.
+
+    The values are read once and kept: the push and delivery paths read settings for every
+    chunk. ``override_settings`` (Django's ``setting_changed`` signal) drops what was kept."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] | None = None
 
     def user_values(self) -> dict[str, Any]:
         value = getattr(settings, SETTING_NAME, {})
         return dict(value) if isinstance(value, dict) else {}
 
     def get(self, key: str) -> Any:
-        return self.user_values().get(key, DEFAULTS[key])
+        values = self._values
+        if values is None:
+            values = self._values = {**DEFAULTS, **self.user_values()}
+        return values[key]
+
+    def reload(self) -> None:
+        self._values = None
 
     def manager_config(self) -> StreamingManagerConfig:
         """The StreamingManagerConfig described by the settings (not validated here)."""
@@ -243,3 +257,9 @@ class AppSettings:
 
 
 app_settings = AppSettings()
+
+
+@receiver(setting_changed)
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == SETTING_NAME:
+        app_settings.reload()

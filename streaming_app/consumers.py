@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 
@@ -129,13 +130,17 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Run one handler. A backend failure closes the socket with 4503 (reconnect with
         last_seq), a bug with 4500 (logged with its traceback); neither leaves the client
-        behind. Stream events skip Channels' per-message database clean-up: they touch no
-        database."""
+        behind. No message pays Channels' per-message database clean-up (a thread hop): the
+        consumer's database work all runs in ``database_sync_to_async``, which cleans up
+        around each call itself, and stream events touch no database."""
         try:
             if message["type"].startswith("stream."):
                 await self.dispatch_event(message)
             else:
-                await super().dispatch(message)
+                handler = getattr(self, get_handler_name(message), None)
+                if handler is None:
+                    raise ValueError(f"No handler for message type {message['type']}")
+                await handler(message)
         except StopConsumer:
             raise
         except Exception as exc:
