@@ -125,16 +125,11 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
-def item_frames(items: list[Chunk | Gap]) -> list[tuple[ServerFrame, int | None, str]]:
-    """``(frame type, seq, JSON text)`` for chunks and gaps."""
-    frames: list[tuple[ServerFrame, int | None, str]] = []
-    for item in items:
-        if isinstance(item, Chunk):
-            frames.append((ServerFrame.CHUNK, item.seq, chunk_frame(item.seq, item.chunk_json)))
-        else:
-            text = frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
-            frames.append((ServerFrame.GAP, None, text))
-    return frames
+def item_frame(item: Chunk | Gap) -> tuple[ServerFrame, int | None, str]:
+    """``(frame type, seq, JSON text)`` for a chunk or a gap."""
+    if isinstance(item, Chunk):
+        return ServerFrame.CHUNK, item.seq, chunk_frame(item.seq, item.chunk_json)
+    return ServerFrame.GAP, None, frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
 
 
 class Follower:
@@ -360,7 +355,8 @@ class Follower:
                 await self.deliver(await delivery.receive(seq, chunk_json))
         pushed_at = event.get("at")  # the producer's clock at push_chunk
         if pushed_at is not None and self.written_seq >= seq and not self.ended:
-            metrics.DELIVERY_SECONDS.labels(self.transport).observe(
+            histogram = metrics.DELIVERY_SECONDS_BY.get(self.transport)
+            (histogram or metrics.DELIVERY_SECONDS.labels(self.transport)).observe(
                 max(0.0, time.time() - float(pushed_at))
             )
 
@@ -404,9 +400,10 @@ class Follower:
     async def deliver(self, items: list[Chunk | Gap]) -> None:
         """Send chunk and gap frames while the client has room (the rest stays in history);
         a failed send goes to the send-error policy."""
-        for item, (kind, seq, text) in zip(items, item_frames(items), strict=True):
+        for item in items:
             if self.ended:
                 return
+            kind, seq, text = item_frame(item)
             if seq is not None and not self.has_room(utf8_len(text)):
                 assert self.delivery is not None
                 self.delivery.delivered_seq = self.written_seq  # from here on, from history
@@ -421,7 +418,8 @@ class Follower:
             self.written_seq = item.seq if isinstance(item, Chunk) else item.to_seq
             if seq is not None:
                 self.wrote(seq, self.sent_bytes - sent)
-                metrics.DELIVERED.labels(self.transport).inc()
+                counter = metrics.DELIVERED_BY.get(self.transport)
+                (counter or metrics.DELIVERED.labels(self.transport)).inc()
             else:
                 metrics.GAP_FRAMES.inc()
 

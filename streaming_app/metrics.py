@@ -80,6 +80,9 @@ for _transport in TRANSPORTS:
     DELIVERY_SECONDS.labels(_transport)
     TOO_FAR_BEHIND.labels(_transport)
     SNAPSHOTS.labels(_transport)
+# The hot path's children, resolved once (``labels()`` takes a lock and builds a key per call).
+DELIVERED_BY = {transport: DELIVERED.labels(transport) for transport in TRANSPORTS}
+DELIVERY_SECONDS_BY = {transport: DELIVERY_SECONDS.labels(transport) for transport in TRANSPORTS}
 for _code in CloseCode:
     if _code >= 4400:  # the refusals and failures: error frame, then this close code
         REFUSALS.labels(str(int(_code)))
