@@ -288,6 +288,8 @@ class Coalescer:
         chunks = [*held, *extra]
         if not chunks:
             return []
+        if held:  # the window runs from when text goes out, not from when the push returns
+            state.last_sent = asyncio.get_running_loop().time()
         try:
             with metrics.PUSH_SECONDS.time():
                 seqs = await self.manager._push(stream_id, chunks, raise_failures=raise_failures)
@@ -304,8 +306,6 @@ class Coalescer:
         except BaseException:
             state.unsent = held
             raise
-        if held:
-            state.last_sent = asyncio.get_running_loop().time()
         return seqs
 
     async def _deadline(self, stream_id: str, state: _Stream, delay: float) -> None:
