@@ -150,6 +150,8 @@ class Coalescer:
         self._raise_failure(state)
         typed = chunk if isinstance(chunk, AgentOSResponse) else parse_chunk(chunk)
         if not state.window or not _mergeable(typed):
+            # A bad chunk is refused before it can take held text (and its deadline) with it.
+            encode_chunk(typed, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
             async with state.lock:
                 return (await self._send(stream_id, state, [typed], raise_failures=True))[-1]
         assert isinstance(typed, TextDeltaChunk)
@@ -199,6 +201,8 @@ class Coalescer:
         state.used = time.monotonic()
         if raise_failures:
             self._raise_failure(state)
+        for chunk in chunks:  # a bad one is refused before it can take held text with it
+            encode_chunk(chunk, stream_id=stream_id, max_bytes=app_settings.MAX_CHUNK_BYTES)
         async with state.lock:
             seqs = await self._send(stream_id, state, chunks, raise_failures=raise_failures)
         return seqs[len(seqs) - len(chunks) :]

@@ -179,10 +179,10 @@ async def test_push_chunks_and_handle_stream_error_send_held_text_first(
     assert isinstance(client.chunks[-1], ErrorChunk)
 
 
-async def test_a_bad_delta_is_refused_at_once_and_nothing_is_held(
+async def test_a_bad_chunk_is_refused_at_once_and_held_text_keeps_its_deadline(
     manager: StreamingManager,
 ) -> None:
-    sid = await manager.create_stream(coalesce_ms=WINDOW)
+    sid = await manager.create_stream(coalesce_ms=50)
     client = await reader(manager, sid)
     await manager.push_chunk(sid, delta(sid, "a"))
     await manager.push_chunk(sid, delta(sid, "b"))
@@ -196,6 +196,12 @@ async def test_a_bad_delta_is_refused_at_once_and_nothing_is_held(
         with pytest.raises(StreamError) as info:
             await manager.push_chunk(sid, bad)
         assert info.value.code is GMIErrorCode.INVALID_ARGUMENT
+    with pytest.raises(StreamError) as info:  # nor a bad chunk of another type
+        await manager.push_chunk(sid, {"type": "system_progress", "stream_id": sid})
+    with pytest.raises(StreamError) as info:
+        await manager.push_chunks(sid, [delta(sid, "c"), delta("another-stream", "d")])
+    assert info.value.code is GMIErrorCode.INVALID_ARGUMENT
+    await eventually(lambda: client.texts == ["a", "b"])  # held "b": still sent at its deadline
     await manager.close_stream(sid, "done")
     await eventually(lambda: client.closed_reasons == ["done"])
     assert client.texts == ["a", "b"]
