@@ -31,6 +31,7 @@ from streaming_app.manager import (
     get_streaming_manager,
     get_sync_streaming_manager,
 )
+from streaming_app.metrics import ManagerCollector, Snapshot
 
 from .conftest import RecordingClient, delta, eventually
 from .servers import RedisServer
@@ -340,3 +341,6 @@ async def test_held_text_of_a_stream_closed_meanwhile_is_logged_and_counted(
         await manager.push_chunk(sid, delta(sid, "c"))
     assert info.value.code is GMIErrorCode.STREAM_CLOSED
     assert sid not in manager.coalescer.streams  # nothing kept for a closed stream
+    scraped = {f.name: f for f in ManagerCollector(manager, Snapshot(0, {}, [])).collect()}
+    assert scraped["streaming_coalesce_flush_failures"].samples[0].value == 1
+    assert scraped["streaming_text_deltas_held"].samples[0].value == 1
