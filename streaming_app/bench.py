@@ -660,7 +660,7 @@ async def run_worker(deployment: Deployment, system: str, layer: str, plan: Plan
 
 async def serve_producer(system: str) -> None:
     """The producer's loop: one JSON request per line on stdin (``create``, ``produce``,
-    ``ping``), one JSON answer per line on stdout, until stdin ends."""
+    ``tokens``, ``ping``), one JSON answer per line on stdout, until stdin ends."""
     loop = asyncio.get_running_loop()
     requests = asyncio.StreamReader(limit=2**24)
     protocol = asyncio.StreamReaderProtocol(requests)
@@ -672,6 +672,10 @@ async def serve_producer(system: str) -> None:
                 reply: dict[str, Any] = {"ids": await create(system, spec["count"])}
             elif spec["op"] == "produce":
                 reply = await produce({**spec, "system": system})
+            elif spec["op"] == "tokens":  # the coalescing rows (bench_coalesce)
+                from .bench_coalesce import produce_tokens
+
+                reply = await produce_tokens(spec)
             else:
                 reply = {"ok": True}
         except Exception as exc:  # reported to the benchmark, which stops

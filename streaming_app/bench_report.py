@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import bench_join, bench_slow
+from . import bench_coalesce, bench_join, bench_slow
 from .bench import BASELINE
 
 APP = "streaming_app"
@@ -160,6 +160,8 @@ def render(report: dict[str, Any]) -> list[str]:
         lines += bench_slow.render(report["slow_clients"])
     if report.get("join"):
         lines += bench_join.render(report["join"])
+    if report.get("coalesce"):
+        lines += bench_coalesce.render(report["coalesce"])
     lines += [
         "",
         f"Goals: streaming_app against {BASELINE} on the same layer (slow clients: "

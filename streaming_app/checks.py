@@ -10,6 +10,7 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import connections
 from django.utils.module_loading import import_string
 
+from .coalesce import window_error
 from .conf import DEFAULTS, SETTING_NAME, StreamingManagerConfig, app_settings
 
 # The id of each StreamingManagerConfig field's check.
@@ -85,6 +86,12 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 f"{SETTING_NAME}['{key}'] = {value!r} cannot be imported: {exc}.",
                 hint="Give a dotted path to an importable object.", id=check_id,
             ))  # fmt: skip
+    coalesce = window_error(app_settings.COALESCE_TEXT_MS)
+    if coalesce is not None:
+        messages.append(Error(
+            f"{SETTING_NAME}['COALESCE_TEXT_MS'] {coalesce}.",
+            hint="Default: 0 (off); agent UIs use about 20.", id="streaming_app.E032",
+        ))  # fmt: skip
     token = app_settings.get("METRICS_TOKEN")
     if not isinstance(token, str) or (token and len(token) < 32):
         messages.append(Error(

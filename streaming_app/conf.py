@@ -43,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
     # A client that joins (or resumes) more than this many chunks behind gets one snapshot
     # frame, the reply assembled so far, instead of the chunks (unless ?replay=chunks).
     "SNAPSHOT_AFTER_CHUNKS": 200,
+    # Text deltas this process pushes to a stream within this many ms of its last text are
+    # merged into one chunk (0: off; a stream's own ``create_stream(coalesce_ms=...)`` wins).
+    "COALESCE_TEXT_MS": 0,
     # Slow clients. A client that acks (``?ack=1`` or its first ``ack`` frame) has at most this
     # many chunks / bytes written and not acked; beyond, it is paused and catches up from
     # history as its acks come. A client that does not ack is sent off (``reconnect``, 4013)
@@ -182,6 +185,10 @@ class AppSettings:
     @property
     def SNAPSHOT_AFTER_CHUNKS(self) -> int:
         return int(self.get("SNAPSHOT_AFTER_CHUNKS"))
+
+    @property
+    def COALESCE_TEXT_MS(self) -> Any:
+        return self.get("COALESCE_TEXT_MS")  # validated by the manager and the checks
 
     @property
     def INLINE_CHUNK_BYTES(self) -> int:

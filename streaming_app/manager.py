@@ -30,6 +30,7 @@ from . import metrics
 from .auth import session_hash
 from .chunks import AgentOSResponse, ErrorChunk, encode_chunk
 from .clients import ChannelBridge, Follower, StreamClient
+from .coalesce import Coalescer, validate_window
 from .conf import StreamingManagerConfig, app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError, backend_error, is_backend_error
 from .history import AppendResult, Closed, History
@@ -87,6 +88,7 @@ class StreamingManager:
         self.worker = Worker(self)
         self.sweeper = Sweeper(self)
         self.watches = Watches(self)
+        self.coalescer = Coalescer(self)  # held text deltas (COALESCE_TEXT_MS, coalesce_ms)
         self._config: StreamingManagerConfig | None = None
         self._history: History | None = None
         self._layer: StreamLayer | None = None
@@ -124,6 +126,7 @@ class StreamingManager:
                 GMIErrorCode.INVALID_ARGUMENT,
                 f"no channel layer {app_settings.CHANNEL_LAYER!r} in CHANNEL_LAYERS",
             )
+        self.coalescer.configure(app_settings.COALESCE_TEXT_MS)
         self._layer = StreamLayer(layer)
         self._history = build_history()
         # One round trip per push when the history's Redis is the pub/sub layer's Redis; it
@@ -180,12 +183,15 @@ class StreamingManager:
         gmi_instance_id: str = "",
         persona_id: str = "",
         inactivity_timeout_ms: int | None = None,
+        coalesce_ms: float | None = None,
     ) -> str:
         """Create an active stream; its id (a UUID hex unless ``requested_stream_id``).
 
         ``owner`` (a user or its pk) or, for an anonymous visitor, ``session_key`` says whose
         stream it is: who may follow and cancel it by default, and whose fair share it counts
         against. The session key itself is not stored, only a keyed hash of it.
+        ``coalesce_ms`` merges the text deltas this process pushes to it within that window
+        (0: off; None: ``COALESCE_TEXT_MS``; see ``streaming_app.coalesce``).
 
         Raises ``StreamError``: RATE_LIMIT_EXCEEDED at ``max_concurrent_streams``, at the
         owner's (or session's) ``MAX_STREAMS_PER_OWNER`` / ``MAX_STREAMS_PER_SESSION`` or
@@ -221,6 +227,8 @@ class StreamingManager:
                 f"inactivity_timeout_ms must be a positive int, not {inactivity_timeout_ms!r}",
                 stream_id=requested_stream_id,
             )
+        if coalesce_ms is not None:
+            validate_window(coalesce_ms, stream_id=requested_stream_id)
         owner_id = getattr(owner, "pk", owner)
         new = NewStream(
             requested_id=requested_stream_id,
@@ -254,6 +262,8 @@ class StreamingManager:
             await self.registry.delete_stream(stream_id)
             raise self._backend_error(stream_id, "history", exc) from exc
         self.stats["streams_created"] += 1
+        if coalesce_ms is not None:
+            self.coalescer.set_window(stream_id, coalesce_ms)
         logger.info("stream %s created (owner=%s)", stream_id, owner_id)
         if self._publish_prefix and self._fast_path_proven is None:
             # Prove the one-round-trip push now, while the caller starts its agent, not when
@@ -360,8 +370,11 @@ class StreamingManager:
 
         Raises ``StreamError``: INVALID_ARGUMENT for a bad chunk (nothing sent),
         RESOURCE_NOT_FOUND, STREAM_CLOSED, BACKEND_UNAVAILABLE, and with ``'throw'``
-        CLIENT_SEND_FAILED naming the client(s) whose send failed.
+        CLIENT_SEND_FAILED naming the client(s) whose send failed. A text delta held to be
+        merged (a coalescing stream) returns 0: it goes out within the window, merged.
         """
+        if self.coalescer.enabled:
+            return await self.coalescer.push(stream_id, chunk)
         with metrics.PUSH_SECONDS.time():
             return (await self._push(stream_id, [chunk], raise_failures=True))[0]
 
@@ -376,6 +389,8 @@ class StreamingManager:
                 GMIErrorCode.INVALID_ARGUMENT, "push_chunks takes a non-empty list of chunks",
                 stream_id=stream_id,
             )  # fmt: skip
+        if self.coalescer.enabled:  # held text deltas go first, in the same round trip
+            return await self.coalescer.push_many(stream_id, list(chunks))
         with metrics.PUSH_SECONDS.time():
             return await self._push(stream_id, list(chunks), raise_failures=True)
 
@@ -396,6 +411,8 @@ class StreamingManager:
         """
         self.config  # noqa: B018  (raises NOT_INITIALIZED)
         reason = reason or DEFAULT_CLOSE_REASON
+        if self.coalescer.enabled:  # held text deltas go out first
+            await self.coalescer.before_close(stream_id)
         try:
             closed = await self.history.close(stream_id, reason)
         except Exception as exc:
@@ -473,7 +490,10 @@ class StreamingManager:
             is_final=terminate_stream,
         )
         logger.warning("stream %s error: %s: %s", stream_id, code, error)
-        await self._push(stream_id, [chunk], raise_failures=False)
+        if self.coalescer.enabled:  # held text deltas go first, in the same round trip
+            await self.coalescer.push_many(stream_id, [chunk], raise_failures=False)
+        else:
+            await self._push(stream_id, [chunk], raise_failures=False)
         if terminate_stream:
             await self.close_stream(stream_id, f"Error: {chunk.message}")
 
@@ -727,12 +747,14 @@ class StreamingManager:
         proving, self._proving = self._proving, None
         if proving is not None and proving.get_loop() is asyncio.get_running_loop():
             await asyncio.gather(proving, return_exceptions=True)
+        await self.coalescer.stop()
         await self.sweeper.stop()
         await self.worker.stop()
         await self.watches.stop()
 
     def cancel_background(self) -> None:
         """Cancel background tasks without awaiting them (for sync callers resetting us)."""
+        self.coalescer.cancel()
         self.watches.cancel()
         self.sweeper.cancel()
         self.worker.cancel()
@@ -759,6 +781,11 @@ class SyncStreamingManager:
 
     def __init__(self, manager: StreamingManager) -> None:
         self._manager = manager
+
+    def push_chunk(self, stream_id: str, chunk: AgentOSResponse | dict[str, Any]) -> int:
+        """As the async one, but a text delta is never held to be merged: each call may run
+        in an event loop of its own, which ends with it (what was held goes first)."""
+        return _sync(self._manager.coalescer.push_now)(stream_id, chunk)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         attr = getattr(self._manager, name)

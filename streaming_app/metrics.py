@@ -101,6 +101,8 @@ COUNTERS = {
     "chunks_pushed": "Chunks pushed by this process",
     "clients_nudged": "Clients nudged by the sweeper (they had fallen behind)",
     "clients_reaped": "Clients of dead workers removed by this worker's sweeper",
+    "text_deltas_held": "Text deltas held by this process to be merged (COALESCE_TEXT_MS)",
+    "coalesce_flush_failures": "Pushes of held text deltas that failed (logged; raised later)",
 }
 
 

@@ -121,6 +121,9 @@ def test_quick_benchmark_reports_every_row_and_goal_and_streaming_app_loses_noth
     assert (snapshot["mode"], replay["mode"]) == ("snapshot", "replay")
     assert snapshot["text_ok"] and replay["text_ok"]
     assert snapshot["frames"] == 2 and replay["frames"] == 2_001
+    coalesce = report["coalesce"]  # the same reply without and with a text-delta window
+    assert [r["window_ms"] for r in coalesce] == [0, 20, 100]
+    assert all(r["text_ok"] for r in coalesce) and coalesce[0]["frames_per_client"] == 50
     for goal in report["goals"]:
         assert isinstance(goal["met"], bool)
         assert goal["target"] in {">= 1.0", "<= 1.1", "<= 1.5", "<= 1.2", ">= 0.5", "<= 2.0"}

@@ -51,6 +51,7 @@ def test_defaults_pass() -> None:
         ({"CHANNEL_LAYER": "other"}, "streaming_app.E017"),
         ({"AGENT": "streaming_app.agents.nope"}, "streaming_app.E018"),
         ({"SSE_KEEPALIVE_SECONDS": 0}, "streaming_app.E019"),
+        ({"COALESCE_TEXT_MS": -20}, "streaming_app.E032"),
         ({"CLIENT_TIMEOUT_SECONDS": 10, "SWEEP_INTERVAL_SECONDS": 5}, "streaming_app.E020"),
     ],
 )

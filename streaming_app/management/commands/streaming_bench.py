@@ -19,7 +19,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
-from streaming_app import bench, bench_join, bench_report, bench_slow
+from streaming_app import bench, bench_coalesce, bench_join, bench_report, bench_slow
 from streaming_app.bench_procs import Children
 from streaming_app.manager import get_streaming_manager
 
@@ -38,6 +38,8 @@ class Command(BaseCommand):
         parser.add_argument("--database-url", help="Default: a temporary SQLite file.")
         parser.add_argument("--layers", default="redis,pubsub", help="redis, pubsub or both.")
         parser.add_argument("--in-process-chunks", type=int, default=5000)
+        parser.add_argument("--only", choices=["coalesce"],
+                            help="Run only these rows (coalesce: text-delta windows).")  # fmt: skip
         # The internal role of the producer processes the benchmark starts.
         parser.add_argument("--agent", help="(internal) serve producer requests for a system.")
 
@@ -52,6 +54,14 @@ class Command(BaseCommand):
         primary = bench.PRIMARY_LAYER if bench.PRIMARY_LAYER in layers else layers[0]
         plan = bench.plan(options["quick"])
         report: dict[str, Any] = {}
+        if options["only"] == "coalesce":
+            report["coalesce"] = self.coalesce(options, primary, plan.drain)
+            lines = [json.dumps(report, indent=2)] if options["json"] else (
+                bench_coalesce.render(report["coalesce"])[1:]
+            )  # fmt: skip
+            for line in lines:
+                self.stdout.write(line)
+            return
         manager = get_streaming_manager()
         chunks = 500 if options["quick"] else options["in_process_chunks"]
         report["in_process"] = async_to_sync(bench.in_process)(manager, chunks, 10)
@@ -75,6 +85,9 @@ class Command(BaseCommand):
             slow = asyncio.run(bench_slow.compare(deployment, primary, options["quick"],
                                                   plan.drain))  # fmt: skip
             report["slow_clients"] = [r.to_dict() for r in slow]
+            coalesce = asyncio.run(bench_coalesce.compare(deployment, primary, options["quick"],
+                                                          plan.drain))  # fmt: skip
+            report["coalesce"] = [r.to_dict() for r in coalesce]
         finally:
             try:
                 children.close()
@@ -105,6 +118,24 @@ class Command(BaseCommand):
                     f"{ratio['rate_vs_best_raw']:.2f}x the best raw consumer and layer; p99 "
                     f"{ratio['p99_vs_raw_pubsub']:.2f}x the best raw consumer on pub/sub"
                 )
+
+    def coalesce(self, options: dict[str, Any], layer: str, drain: float
+                 ) -> list[dict[str, Any]]:  # fmt: skip
+        """Only the coalescing rows, on a deployment of their own (stopped whatever ends it)."""
+        previous = signal.signal(signal.SIGTERM, _terminated)
+        children = Children()
+        deployment: bench.Deployment | None = None
+        try:
+            deployment = bench.Deployment(children, options["redis_url"], options["database_url"])
+            runs = asyncio.run(bench_coalesce.compare(deployment, layer, options["quick"], drain))
+        finally:
+            try:
+                children.close()
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+                if deployment is not None:
+                    deployment.close()
+        return [r.to_dict() for r in runs]
 
     def ratios(self, results: list[bench.Result]) -> dict[str, dict[str, float]]:
         """streaming_app against the best raw consumer (with or without Channels' hop), per
