@@ -8,12 +8,13 @@ write lock (``"transaction_mode": "IMMEDIATE"``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Field, Model, Q
@@ -58,6 +59,85 @@ def _update_each(model: type[Model], fields: Sequence[str], rows: list[tuple[Any
     sql = f"UPDATE {quote(meta.db_table)} SET {columns} WHERE {quote(meta.pk.column)} = %s"
     with connection.cursor() as cursor:
         cursor.executemany(sql, rows)
+
+
+def _table(model: type[Model]) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
+
+
+def _LOCK_STREAM_SQL() -> str:
+    return f"SELECT 1 FROM {_table(Stream)} WHERE {_quoted(Stream, 'id')} = %s FOR UPDATE"
+
+
+def _quoted(model: type[Model], name: str) -> str:
+    return connection.ops.quote_name(_column(model, name))
+
+
+def _insert_client(
+    stream_id: str, new: NewClient, limit: float, alive_after: datetime
+) -> tuple[str, list[Any]]:
+    """The conditional INSERT of a client row: the stream is active, the client is not
+    registered yet, and fewer than ``limit`` live clients are (when there is a limit)."""
+    now = timezone.now()
+    given = {"stream_id": stream_id, "client_id": new.client_id, "transport": new.transport,
+             "channel_name": new.channel_name, "worker_id": new.worker_id,
+             "user_id": new.user_id, "connected_at": now, "last_seen_at": now}  # fmt: skip
+    fields = [f for f in StreamClient._meta.concrete_fields if not f.primary_key]
+    values = [
+        f.get_db_prep_save(given[f.attname] if f.attname in given else f.get_default(), connection)
+        for f in fields
+    ]
+    clients, streams, workers = _table(StreamClient), _table(Stream), _table(StreamWorker)
+    c_stream, c_client = _quoted(StreamClient, "stream"), _quoted(StreamClient, "client_id")
+    c_worker, c_seen = _quoted(StreamClient, "worker_id"), _quoted(StreamClient, "last_seen_at")
+    w_id, w_seen = _quoted(StreamWorker, "id"), _quoted(StreamWorker, "last_seen_at")
+    s_id, s_status = _quoted(Stream, "id"), _quoted(Stream, "status")
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    sql = (
+        f"INSERT INTO {clients} ({columns}) SELECT {', '.join(['%s'] * len(fields))} "
+        f"WHERE EXISTS (SELECT 1 FROM {streams} WHERE {s_id} = %s AND {s_status} = %s) "
+        f"AND NOT EXISTS (SELECT 1 FROM {clients} WHERE {c_stream} = %s AND {c_client} = %s)"
+    )
+    params = [*values, stream_id, Stream.Status.ACTIVE.value, stream_id, new.client_id]
+    if not math.isinf(limit):
+        cutoff = connection.ops.adapt_datetimefield_value(alive_after)
+        sql += (
+            f" AND (SELECT COUNT(*) FROM {clients} WHERE {c_stream} = %s AND ("
+            f"{c_worker} IN (SELECT {w_id} FROM {workers} WHERE {w_seen} >= %s) OR ("
+            f"{c_worker} NOT IN (SELECT {w_id} FROM {workers}) AND {c_seen} >= %s))) < %s"
+        )
+        params += [stream_id, cutoff, cutoff, int(limit)]
+    return sql, params
+
+
+def _already_registered(stream_id: str, client_id: str) -> StreamError:
+    return StreamError(
+        GMIErrorCode.RESOURCE_ALREADY_EXISTS,
+        f"client {client_id!r} is already registered to stream {stream_id!r}",
+        stream_id=stream_id, client_id=client_id,
+    )  # fmt: skip
+
+
+def _refusal(stream_id: str, client_id: str, limit: float, alive_after: datetime) -> NoReturn:
+    """Why a client row was not inserted, as the error to raise."""
+    stream = Stream.objects.filter(pk=stream_id).first()
+    if stream is None:
+        raise _not_found(stream_id)
+    if not stream.is_active:
+        raise StreamError(
+            GMIErrorCode.STREAM_CLOSED,
+            f"stream {stream_id!r} is closed ({stream.close_reason})",
+            stream_id=stream_id, client_id=client_id, details={"reason": stream.close_reason},
+        )  # fmt: skip
+    clients = StreamClient.objects.filter(stream_id=stream_id)
+    if clients.filter(client_id=client_id).exists():
+        raise _already_registered(stream_id, client_id)
+    count = clients.filter(alive(alive_after)).count()
+    raise StreamError(
+        GMIErrorCode.RATE_LIMIT_EXCEEDED,
+        f"max_clients_per_stream ({limit:g}) reached for stream {stream_id!r}",
+        stream_id=stream_id, client_id=client_id, details={"limit": limit, "clients": count},
+    )  # fmt: skip
 
 
 __all__ = ["Registry", "StreamLimits", "database_sync_to_async"]
@@ -229,52 +309,22 @@ class Registry:
         """Insert a client row unless the stream is unknown, closed, full or has it already.
 
         Clients of workers known to be dead (no heartbeat since ``alive_after``) do not count.
+        One conditional INSERT does it (every condition in its WHERE); on PostgreSQL it runs
+        after a lock on the stream's row, so that concurrent registrations count each other.
+        Only a refused registration reads more, to say why.
         """
-        with transaction.atomic():
-            stream = Stream.objects.select_for_update().filter(pk=stream_id).first()
-            if stream is None:
-                raise _not_found(stream_id)
-            if not stream.is_active:
-                raise StreamError(
-                    GMIErrorCode.STREAM_CLOSED,
-                    f"stream {stream_id!r} is closed ({stream.close_reason})",
-                    stream_id=stream_id,
-                    client_id=new.client_id,
-                    details={"reason": stream.close_reason},
-                )
-            clients = StreamClient.objects.filter(stream_id=stream_id)
-            if clients.filter(client_id=new.client_id).exists():
-                raise StreamError(
-                    GMIErrorCode.RESOURCE_ALREADY_EXISTS,
-                    f"client {new.client_id!r} is already registered to stream {stream_id!r}",
-                    stream_id=stream_id,
-                    client_id=new.client_id,
-                )
-            count = clients.filter(alive(alive_after)).count()
-            if count >= limit:
-                raise StreamError(
-                    GMIErrorCode.RATE_LIMIT_EXCEEDED,
-                    f"max_clients_per_stream ({limit:g}) reached for stream {stream_id!r}",
-                    stream_id=stream_id,
-                    client_id=new.client_id,
-                    details={"limit": limit, "clients": count},
-                )
-            try:
-                StreamClient.objects.create(
-                    stream_id=stream_id,
-                    client_id=new.client_id,
-                    transport=new.transport,
-                    channel_name=new.channel_name,
-                    worker_id=new.worker_id,
-                    user_id=new.user_id,
-                )
-            except IntegrityError:  # pragma: no cover - the stream row lock makes this unreachable
-                raise StreamError(
-                    GMIErrorCode.RESOURCE_ALREADY_EXISTS,
-                    f"client {new.client_id!r} is already registered to stream {stream_id!r}",
-                    stream_id=stream_id,
-                    client_id=new.client_id,
-                ) from None
+        locks = connection.features.has_select_for_update
+        with transaction.atomic() if locks else contextlib.nullcontext():
+            with connection.cursor() as cursor:
+                if locks:
+                    cursor.execute(_LOCK_STREAM_SQL(), [stream_id])
+                try:
+                    cursor.execute(*_insert_client(stream_id, new, limit, alive_after))
+                except IntegrityError:  # pragma: no cover - the row lock makes this unreachable
+                    raise _already_registered(stream_id, new.client_id) from None
+                if cursor.rowcount == 1:
+                    return
+            _refusal(stream_id, new.client_id, limit, alive_after)
 
     @database_sync_to_async
     def remove_client(self, stream_id: str, client_id: str) -> ClientRef | None:
