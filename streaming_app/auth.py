@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -95,20 +96,21 @@ def default_can_cancel(user: Any, session_key: str | None, stream: Stream) -> bo
     return bool(getattr(user, "is_active", False) and user.has_perm(CLOSE_PERMISSION))
 
 
-@database_sync_to_async
-def _check(
+def check(
     rule: str, user: Any, session_key: str | None, stream_id: str, *, allow_closed: bool,
     hide: bool,
 ) -> Stream:  # fmt: skip
+    """The stream, if ``rule`` lets the user use it (synchronous: in the database's thread)."""
     missing = StreamError(
         GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist",
         stream_id=stream_id,
     )  # fmt: skip
     if not STREAM_ID.match(stream_id):  # cannot exist: no query (NUL bytes, traversal, ...)
         raise missing
-    stream = Stream.objects.filter(pk=stream_id).first()
-    if stream is None:
-        raise missing
+    try:
+        stream = Stream.objects.get(pk=stream_id)
+    except Stream.DoesNotExist:
+        raise missing from None
     if not import_string(rule)(user, session_key, stream):
         if hide:  # a stranger learns nothing, not even that the id exists
             raise missing
@@ -132,14 +134,21 @@ def scope_identity(scope: dict[str, Any]) -> tuple[Any, str | None]:
     return scope.get("user"), getattr(session, "session_key", None)
 
 
-async def authorize_subscribe(scope: dict[str, Any], stream_id: str) -> Stream:
-    """The stream (active or closed) the scope's user may see; raises
-    ``StreamError(RESOURCE_NOT_FOUND)`` for a stream that does not exist *or* that the user may
-    not see, so that ids cannot be probed."""
-    return await _check(
-        app_settings.CAN_SUBSCRIBE, *scope_identity(scope), stream_id, allow_closed=True,
-        hide=True,
-    )  # fmt: skip
+_check = database_sync_to_async(check)
+
+
+def subscribe_check(scope: dict[str, Any]) -> Callable[[str], Stream]:
+    """Whether the scope's user may follow a stream: the check registration runs in its own
+    database call (the stream, active or closed, is returned). A stream that does not exist
+    *or* that the user may not see is the same ``StreamError(RESOURCE_NOT_FOUND)``, so that
+    ids cannot be probed."""
+    user, session_key = scope_identity(scope)
+    rule = app_settings.CAN_SUBSCRIBE
+
+    def allowed(stream_id: str) -> Stream:
+        return check(rule, user, session_key, stream_id, allow_closed=True, hide=True)
+
+    return allowed
 
 
 async def authorize_cancel(scope: dict[str, Any], stream_id: str) -> Stream:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from . import metrics
-from .auth import authorize_subscribe
+from .auth import subscribe_check
 from .chunks import AgentOSResponse, encode_chunk, parse_chunk
 from .conf import app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
@@ -233,16 +233,16 @@ class Follower:
     async def subscribe(self, manager: StreamingManager, last_seq: int) -> bool:
         """Authorise, register and send what history holds; False when the peer was refused
         or the stream was closed (then what it missed, ``closed`` and 4410 went out)."""
-        try:
-            stream = await authorize_subscribe(self.scope, self.stream_id)
-            self.delivery = Delivery(manager.history, self.stream_id, last_seq)
-            self.written_seq = self.acked_seq = last_seq
-            active, reason = stream.is_active, stream.close_reason
-            if active:
-                await manager.register_client(self.stream_id, self)
+        self.delivery = Delivery(manager.history, self.stream_id, last_seq)
+        self.written_seq = self.acked_seq = last_seq
+        try:  # one database call: may it see the stream (hidden if not), then register
+            await manager.register_client(
+                self.stream_id, self, authorize=subscribe_check(self.scope)
+            )
+            active, reason = True, ""
         except GMIError as exc:
             closed = isinstance(exc, StreamError) and exc.code is GMIErrorCode.STREAM_CLOSED
-            if not closed or self.delivery is None:
+            if not closed:
                 await self.refuse(exc)
                 return False
             active, reason = False, exc.details.get("reason", "")

@@ -35,7 +35,7 @@ from .conf import StreamingManagerConfig, app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError, backend_error, is_backend_error
 from .history import AppendResult, Closed, History
 from .layers import CHUNK, Inbox, StreamLayer
-from .models import STREAM_ID_PATTERN
+from .models import STREAM_ID_PATTERN, Stream
 from .protocol import CloseCode
 from .registry import NewClient, NewStream, Registry, StreamLimits
 from .sweeper import Sweeper, SweepReport
@@ -271,12 +271,17 @@ class StreamingManager:
             self._proving = asyncio.ensure_future(self._fast_path())
         return stream_id
 
-    async def register_client(self, stream_id: str, client: StreamClient) -> None:
+    async def register_client(
+        self, stream_id: str, client: StreamClient, *,
+        authorize: Callable[[str], Stream] | None = None,
+    ) -> None:  # fmt: skip
         """Subscribe ``client`` to a stream; it first gets what history holds, then live chunks.
 
         Raises ``StreamError``: RESOURCE_NOT_FOUND, STREAM_CLOSED, RESOURCE_ALREADY_EXISTS,
         RATE_LIMIT_EXCEEDED at ``max_clients_per_stream``, INVALID_ARGUMENT for an inactive
-        client or an object that is not a StreamClient, BACKEND_UNAVAILABLE.
+        client or an object that is not a StreamClient, BACKEND_UNAVAILABLE. ``authorize``
+        (synchronous: the stream's id -> its row, or it raises) is run in the same database
+        call as the registration, before it (see ``auth.subscribe_check``).
         """
         config = self.config
         if not isinstance(client, StreamClient) or not isinstance(client.id, str) or not client.id:
@@ -307,7 +312,11 @@ class StreamingManager:
                             follower.user_id)  # fmt: skip
             try:
                 await self.registry.add_client(
-                    stream_id, new, limit=config.max_clients_per_stream, alive_after=cutoff
+                    stream_id,
+                    new,
+                    limit=config.max_clients_per_stream,
+                    alive_after=cutoff,
+                    authorize=authorize,
                 )
             except Exception as exc:
                 if isinstance(follower, ChannelBridge):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -118,17 +118,20 @@ def _already_registered(stream_id: str, client_id: str) -> StreamError:
     )  # fmt: skip
 
 
+def _closed(stream: Stream, client_id: str) -> StreamError:
+    return StreamError(
+        GMIErrorCode.STREAM_CLOSED, f"stream {stream.pk!r} is closed ({stream.close_reason})",
+        stream_id=stream.pk, client_id=client_id, details={"reason": stream.close_reason},
+    )  # fmt: skip
+
+
 def _refusal(stream_id: str, client_id: str, limit: float, alive_after: datetime) -> NoReturn:
     """Why a client row was not inserted, as the error to raise."""
     stream = Stream.objects.filter(pk=stream_id).first()
     if stream is None:
         raise _not_found(stream_id)
     if not stream.is_active:
-        raise StreamError(
-            GMIErrorCode.STREAM_CLOSED,
-            f"stream {stream_id!r} is closed ({stream.close_reason})",
-            stream_id=stream_id, client_id=client_id, details={"reason": stream.close_reason},
-        )  # fmt: skip
+        raise _closed(stream, client_id)
     clients = StreamClient.objects.filter(stream_id=stream_id)
     if clients.filter(client_id=client_id).exists():
         raise _already_registered(stream_id, client_id)
@@ -304,15 +307,21 @@ class Registry:
 
     @database_sync_to_async
     def add_client(
-        self, stream_id: str, new: NewClient, *, limit: float, alive_after: datetime
-    ) -> None:
+        self, stream_id: str, new: NewClient, *, limit: float, alive_after: datetime,
+        authorize: Callable[[str], Stream] | None = None,
+    ) -> None:  # fmt: skip
         """Insert a client row unless the stream is unknown, closed, full or has it already.
 
         Clients of workers known to be dead (no heartbeat since ``alive_after``) do not count.
         One conditional INSERT does it (every condition in its WHERE); on PostgreSQL it runs
         after a lock on the stream's row, so that concurrent registrations count each other.
-        Only a refused registration reads more, to say why.
+        Only a refused registration reads more, to say why. ``authorize`` (the stream's id ->
+        its row, or it raises) runs first, in the same call.
         """
+        if authorize is not None:
+            stream = authorize(stream_id)
+            if not stream.is_active:
+                raise _closed(stream, new.client_id)
         locks = connection.features.has_select_for_update
         with transaction.atomic() if locks else contextlib.nullcontext():
             with connection.cursor() as cursor:
