@@ -14,7 +14,7 @@ from django.utils.module_loading import import_string
 from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
 from .models import STREAM_ID_PATTERN, Conversation, Stream
-from .registry import database_sync_to_async
+from .registry import database_sync_to_async, stream_row
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,9 @@ def check(
     )  # fmt: skip
     if not STREAM_ID.match(stream_id):  # cannot exist: no query (NUL bytes, traversal, ...)
         raise missing
-    try:
-        stream = Stream.objects.get(pk=stream_id)
-    except Stream.DoesNotExist:
-        raise missing from None
+    stream = stream_row(stream_id)
+    if stream is None:
+        raise missing
     if not import_string(rule)(user, session_key, stream):
         if hide:  # a stranger learns nothing, not even that the id exists
             raise missing

@@ -110,6 +110,19 @@ def _insert_client(
     return sql, params
 
 
+_STREAM_BY_ID: dict[str, str] = {}  # the SELECT of a stream by id, per database vendor
+
+
+def stream_row(stream_id: str) -> Stream | None:
+    """The stream's row, or None (synchronous). The statement is the ORM's, compiled once:
+    compiling it again on every subscription cost more than running it."""
+    sql = _STREAM_BY_ID.get(connection.vendor)
+    if sql is None:
+        sql, _ = Stream.objects.filter(pk="").query.sql_with_params()
+        _STREAM_BY_ID[connection.vendor] = sql
+    return next(iter(Stream.objects.raw(sql, [stream_id])), None)
+
+
 def _already_registered(stream_id: str, client_id: str) -> StreamError:
     return StreamError(
         GMIErrorCode.RESOURCE_ALREADY_EXISTS,
