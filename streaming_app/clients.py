@@ -355,10 +355,7 @@ class Follower:
                 await self.deliver(await delivery.receive(seq, chunk_json))
         pushed_at = event.get("at")  # the producer's clock at push_chunk
         if pushed_at is not None and self.written_seq >= seq and not self.ended:
-            histogram = metrics.DELIVERY_SECONDS_BY.get(self.transport)
-            (histogram or metrics.DELIVERY_SECONDS.labels(self.transport)).observe(
-                max(0.0, time.time() - float(pushed_at))
-            )
+            metrics.DELIVERIES.observe(self.transport, max(0.0, time.time() - float(pushed_at)))
 
     async def stream_closed(self, event: dict[str, Any]) -> None:
         if self.ended or self.delivery is None:
@@ -418,8 +415,7 @@ class Follower:
             self.written_seq = item.seq if isinstance(item, Chunk) else item.to_seq
             if seq is not None:
                 self.wrote(seq, self.sent_bytes - sent)
-                counter = metrics.DELIVERED_BY.get(self.transport)
-                (counter or metrics.DELIVERED.labels(self.transport)).inc()
+                metrics.DELIVERIES.count(self.transport)
             else:
                 metrics.GAP_FRAMES.inc()
 

@@ -123,3 +123,34 @@ async def test_the_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     assert len(used) >= 15, used
     missing = used - names
     assert not missing, missing
+
+
+def test_deliveries_export_as_prometheus_counts_them() -> None:
+    """The per-delivery tallies (plain integers) read as a Counter and a Histogram would: a
+    latency on a bucket's bound is in that bucket, buckets are cumulative, a transport not
+    known up front is added."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from streaming_app.metrics import Deliveries
+
+    deliveries = Deliveries(["websocket"])
+    for seconds in (0.0005, 0.0006, 0.004, 42.0):
+        deliveries.observe("websocket", seconds)
+    deliveries.count("websocket")
+    deliveries.count("custom")
+    registry = CollectorRegistry()
+    registry.register(deliveries)
+    exported = samples(generate_latest(registry).decode())
+
+    def bucket(le: str) -> float:
+        return exported[("streaming_delivery_seconds_bucket",
+                         (("le", le), ("transport", "websocket")))]  # fmt: skip
+
+    assert [bucket("0.0005"), bucket("0.001"), bucket("0.005"), bucket("10.0"),
+            bucket("+Inf")] == [1, 2, 3, 3, 4]  # fmt: skip
+    assert exported[("streaming_delivery_seconds_count", (("transport", "websocket"),))] == 4
+    assert exported[("streaming_delivery_seconds_sum", (("transport", "websocket"),))] == (
+        pytest.approx(42.0051)
+    )
+    assert exported[("streaming_chunks_delivered_total", (("transport", "websocket"),))] == 1
+    assert exported[("streaming_chunks_delivered_total", (("transport", "custom"),))] == 1
