@@ -241,6 +241,8 @@ class Follower:
             )
             active, reason = True, ""
         except GMIError as exc:
+            if exc.code is GMIErrorCode.BACKEND_UNAVAILABLE:
+                raise  # the transport's crash path: logged, 4503 "streaming backend failed"
             closed = isinstance(exc, StreamError) and exc.code is GMIErrorCode.STREAM_CLOSED
             if not closed:
                 await self.refuse(exc)

@@ -23,7 +23,7 @@ from channels.testing import ApplicationCommunicator
 from django.db import OperationalError
 
 from streaming_app.exceptions import GMIError, GMIErrorCode
-from streaming_app.middleware import BackendErrorMiddleware
+from streaming_app.middleware import BackendErrorMiddleware, StreamingAuthMiddlewareStack
 from streaming_app.protocol import CloseCode
 
 from .servers import DaphneServer, base_env, free_port, migrated_sqlite, read_frames
@@ -147,3 +147,29 @@ async def test_other_errors_pass_through_untouched() -> None:
     with pytest.raises(ValueError, match="a bug"):
         await communicator.wait(2)
     assert outputs(communicator) == []
+
+
+# -- StreamingAuthMiddlewareStack -------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["websocket", "http"])
+async def test_the_auth_stack_wraps_send_only_where_the_session_may_be_saved(kind: str) -> None:
+    """Channels' session wrapper saves on ``http.response.start`` only: a WebSocket's frames go
+    to the server's own send; HTTP keeps the wrapper. Both get the session and the user."""
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.update(send=send, session=scope["session"], user=scope["user"])
+
+    async def server_send(message: dict[str, Any]) -> None:
+        pass
+
+    async def receive() -> dict[str, Any]:
+        return {"type": f"{kind}.disconnect"}
+
+    scope = {"type": kind, "path": "/", "headers": [(b"cookie", b"sessionid=nothing")]}
+    await StreamingAuthMiddlewareStack(app)(scope, receive, server_send)
+    assert (seen["send"] is server_send) == (kind == "websocket")
+    assert seen["session"].session_key is None  # an unknown key: a new, empty session
+    assert not await asyncio.to_thread(lambda: seen["user"].is_authenticated)
