@@ -9,8 +9,10 @@ Stream whose entry ids are ``<seq>-0``, trimmed to ``HISTORY_MAX_CHUNKS``) and `
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -93,9 +95,43 @@ return {tonumber(redis.call('HGET', meta, 'head')), was_open, redis.call('HGET',
 """
 
 
+STATES = """
+-- KEYS: each stream's meta and log keys in turn. One JSON reply for all of them (parsed in C,
+-- not element by element): per stream [head, closed, reason, last_activity, closed_at, the
+-- oldest entry's id, its time], false where absent.
+local out = {}
+for i = 1, #KEYS, 2 do
+  local m = redis.call('HMGET', KEYS[i], 'head', 'closed', 'reason', 'last_activity', 'closed_at')
+  local first, first_t = redis.call('XRANGE', KEYS[i + 1], '-', '+', 'COUNT', 1), false
+  local first_id = false
+  if #first > 0 then
+    first_id = first[1][1]
+    local fields = first[1][2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 't' then first_t = fields[j + 1] end
+    end
+  end
+  out[#out + 1] = {m[1], m[2], m[3], m[4], m[5], first_id, first_t}
+end
+return cjson.encode(out)
+"""
+# Streams per STATES call: one reply stays small, and Redis is not held long.
+STATES_BATCH = 500
+
+
 def _keys(stream_id: str) -> tuple[str, str, str]:
     base = f"streaming:{{{stream_id}}}"
     return f"{base}:meta", f"{base}:log", f"{base}:fail"
+
+
+@dataclass(frozen=True)
+class _Client:
+    """One event loop's connection pool and scripts."""
+
+    redis: Redis
+    append: AsyncScript
+    close: AsyncScript
+    states: AsyncScript
 
 
 class RedisHistory:
@@ -110,7 +146,7 @@ class RedisHistory:
         self.max_chunks = max_chunks
         self.max_age_seconds = max_age_seconds
         self.max_connections = max_connections
-        self._clients: dict[asyncio.AbstractEventLoop, tuple[Redis, AsyncScript, AsyncScript]] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, _Client] = {}
         self._reads: dict[tuple[str, int, int | None], asyncio.Future[Replay]] = {}
 
     @classmethod
@@ -136,7 +172,7 @@ class RedisHistory:
     def expire_closed(self) -> list[str]:
         return []  # Redis expires closed streams' keys itself
 
-    def _client(self) -> tuple[Redis, AsyncScript, AsyncScript]:
+    def _client(self) -> _Client:
         # redis-py's connections belong to the loop that opened them: one client per loop.
         loop = asyncio.get_running_loop()
         entry = self._clients.get(loop)
@@ -154,7 +190,8 @@ class RedisHistory:
                 health_check_interval=10, retry=Retry(NoBackoff(), 1),
             )  # fmt: skip
             client = Redis.from_pool(pool)
-            entry = (client, client.register_script(APPEND), client.register_script(CLOSE))
+            entry = _Client(client, client.register_script(APPEND), client.register_script(CLOSE),
+                            client.register_script(STATES))  # fmt: skip
             self._clients[loop] = entry
             self._close_with(loop)
         return entry
@@ -167,7 +204,7 @@ class RedisHistory:
         def close() -> None:
             entry = self._clients.pop(loop, None)
             if entry is not None and not loop.is_running():
-                loop.run_until_complete(entry[0].aclose())
+                loop.run_until_complete(entry.redis.aclose())
             loop.close = original  # type: ignore[method-assign]
             original()
 
@@ -178,7 +215,7 @@ class RedisHistory:
         return max(1, int(self.max_age_seconds))
 
     async def open(self, stream_id: str) -> None:
-        client, _, _ = self._client()
+        client = self._client().redis
         meta, log, fail = _keys(stream_id)
         async with client.pipeline(transaction=True) as pipe:
             pipe.delete(meta, log, fail)
@@ -199,7 +236,7 @@ class RedisHistory:
         publish_to: str = "",
     ) -> AppendResult:  # fmt: skip
         """Append several chunks in one round trip (one script call); ``seq`` is the last."""
-        _, append, _ = self._client()
+        append = self._client().append
         args: list[str | int | float] = [
             time.time(), self.max_chunks, OPEN_TTL_SECONDS, int(take_failures), publish_to,
             app_settings.INLINE_CHUNK_BYTES, *chunk_jsons,
@@ -244,7 +281,7 @@ class RedisHistory:
         return await asyncio.shield(pending)
 
     async def _read_after(self, stream_id: str, after_seq: int, up_to: int | None) -> Replay:
-        client, _, _ = self._client()
+        client = self._client().redis
         meta, log, _ = _keys(stream_id)
         end = "+" if up_to is None else f"{up_to}-0"
         async with client.pipeline(transaction=False) as pipe:
@@ -260,7 +297,7 @@ class RedisHistory:
         return Replay(entries=held, head_seq=int(head or 0))
 
     async def close(self, stream_id: str, reason: str) -> Closed | None:
-        _, _, close = self._client()
+        close = self._client().close
         head, was_open, first_reason = await close(
             keys=_keys(stream_id), args=[reason, time.time(), self._ttl]
         )
@@ -270,39 +307,33 @@ class RedisHistory:
 
     async def states(self, stream_ids: Iterable[str]) -> dict[str, StreamState]:
         ids = list(stream_ids)
-        if not ids:
-            return {}
-        client, _, _ = self._client()
-        async with client.pipeline(transaction=False) as pipe:
-            for stream_id in ids:
-                meta, log, _ = _keys(stream_id)
-                pipe.hmget(meta, ["head", "closed", "reason", "last_activity", "closed_at"])
-                pipe.xrange(log, min="-", max="+", count=1)
-            replies = await pipe.execute()
+        script = self._client().states
         result = {}
         cutoff = time.time() - self.max_age_seconds
-        for index, stream_id in enumerate(ids):
-            (head, closed, reason, last_activity, closed_at), first = replies[
-                2 * index : 2 * index + 2
-            ]
-            if head is None:
-                continue
-            head_seq = int(head)
-            first_seq = head_seq + 1
-            if first and float(first[0][1][b"t"]) >= cutoff:
-                first_seq = int(_text(first[0][0]).split("-")[0])
-            result[stream_id] = StreamState(
-                head_seq=head_seq,
-                first_seq=first_seq,
-                closed=_text(closed) == "1",
-                close_reason=_text(reason or b""),
-                last_activity=float(last_activity or 0),
-                closed_at=float(closed_at or 0),
-            )
+        for start in range(0, len(ids), STATES_BATCH):
+            batch = ids[start : start + STATES_BATCH]
+            keys = [key for stream_id in batch for key in _keys(stream_id)[:2]]
+            reply = json.loads(await script(keys=keys))
+            for stream_id, row in zip(batch, reply, strict=True):
+                head, closed, reason, last_activity, closed_at, first_id, first_t = row
+                if not head:
+                    continue
+                head_seq = int(head)
+                first_seq = head_seq + 1
+                if first_id and float(first_t or 0) >= cutoff:
+                    first_seq = int(first_id.split("-")[0])
+                result[stream_id] = StreamState(
+                    head_seq=head_seq,
+                    first_seq=first_seq,
+                    closed=closed == "1",
+                    close_reason=reason or "",
+                    last_activity=float(last_activity or 0),
+                    closed_at=float(closed_at or 0),
+                )
         return result
 
     async def record_failure(self, stream_id: str, client_id: str, message: str) -> None:
-        client, _, _ = self._client()
+        client = self._client().redis
         _, _, fail = _keys(stream_id)
         async with client.pipeline(transaction=True) as pipe:
             pipe.hset(fail, client_id, message)
@@ -313,20 +344,20 @@ class RedisHistory:
         """Close this event loop's connections (at shutdown)."""
         entry = self._clients.pop(asyncio.get_running_loop(), None)
         if entry is not None:
-            await entry[0].aclose()
+            await entry.redis.aclose()
 
     async def forget(self, stream_id: str) -> None:
-        client, _, _ = self._client()
+        client = self._client().redis
         await client.delete(*_keys(stream_id))
 
     async def snapshot(self, stream_id: str) -> tuple[int, str] | None:
-        client, _, _ = self._client()
+        client = self._client().redis
         meta, _, _ = _keys(stream_id)
         seq, state = await client.hmget(meta, ["snap_seq", "snap"])
         return (int(seq), _text(state)) if seq is not None and state is not None else None
 
     async def save_snapshot(self, stream_id: str, seq: int, state_json: str) -> None:
-        client, _, _ = self._client()
+        client = self._client().redis
         meta, _, _ = _keys(stream_id)
         await client.eval(SAVE_SNAPSHOT, 1, meta, seq, state_json)
 

@@ -100,6 +100,30 @@ async def test_forget(make: Make) -> None:
     assert set(await history.states(["a", "b", "c"])) == {"b"}
 
 
+async def test_states_of_more_streams_than_one_call_takes(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("streaming_app.redis_history.STATES_BATCH", 2)
+    history = make()
+    for index, stream_id in enumerate("abcde"):
+        await history.open(stream_id)
+        for n in range(index):
+            await history.append(stream_id, str(n), take_failures=False)
+    await history.close("d", 'tab\there, and a quote " in the reason')
+    states = await history.states(["a", "x", "b", "c", "d", "e"])
+    assert {k: (s.head_seq, s.first_seq) for k, s in states.items()} == {
+        "a": (0, 1),
+        "b": (1, 1),
+        "c": (2, 1),
+        "d": (3, 1),
+        "e": (4, 1),
+    }
+    assert (
+        states["d"].closed and states["d"].close_reason == 'tab\there, and a quote " in the reason'
+    )
+    assert not states["e"].closed and states["e"].last_activity > 0
+
+
 async def test_memory_history_expires_closed_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     history = MemoryHistory(max_chunks=100, max_age_seconds=10)
     for stream_id in ("a", "b", "c"):
