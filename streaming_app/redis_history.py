@@ -115,6 +115,23 @@ for i = 1, #KEYS, 2 do
 end
 return cjson.encode(out)
 """
+READ = """
+-- KEYS: meta, log. ARGV: 1 min id (exclusive, '(' prefixed), 2 max id ('+' or an id), 3 the
+-- oldest time still held. One JSON reply, parsed in C: [head, [seq, chunk, seq, chunk, ...]].
+local entries = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[2])
+local held, cutoff = {}, tonumber(ARGV[3])
+for i = 1, #entries do
+  local fields, t, c = entries[i][2], nil, nil
+  for j = 1, #fields, 2 do
+    if fields[j] == 't' then t = fields[j + 1] elseif fields[j] == 'c' then c = fields[j + 1] end
+  end
+  if tonumber(t) >= cutoff then
+    held[#held + 1] = tonumber((string.gsub(entries[i][1], '-.*', '')))
+    held[#held + 1] = c
+  end
+end
+return cjson.encode({redis.call('HGET', KEYS[1], 'head') or 0, held})
+"""
 # Streams per STATES call: one reply stays small, and Redis is not held long.
 STATES_BATCH = 500
 
@@ -132,6 +149,7 @@ class _Client:
     append: AsyncScript
     close: AsyncScript
     states: AsyncScript
+    read: AsyncScript
 
 
 class RedisHistory:
@@ -190,8 +208,7 @@ class RedisHistory:
                 health_check_interval=10, retry=Retry(NoBackoff(), 1),
             )  # fmt: skip
             client = Redis.from_pool(pool)
-            entry = _Client(client, client.register_script(APPEND), client.register_script(CLOSE),
-                            client.register_script(STATES))  # fmt: skip
+            entry = _Client(client, *map(client.register_script, (APPEND, CLOSE, STATES, READ)))
             self._clients[loop] = entry
             self._close_with(loop)
         return entry
@@ -281,20 +298,14 @@ class RedisHistory:
         return await asyncio.shield(pending)
 
     async def _read_after(self, stream_id: str, after_seq: int, up_to: int | None) -> Replay:
-        client = self._client().redis
         meta, log, _ = _keys(stream_id)
         end = "+" if up_to is None else f"{up_to}-0"
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.hget(meta, "head")
-            pipe.xrange(log, min=f"({after_seq}-0", max=end)
-            head, entries = await pipe.execute()
         cutoff = time.time() - self.max_age_seconds
-        held = [
-            (int(_text(entry_id).split("-")[0]), _text(fields[b"c"]))
-            for entry_id, fields in entries
-            if float(fields[b"t"]) >= cutoff
-        ]
-        return Replay(entries=held, head_seq=int(head or 0))
+        reply = await self._client().read(keys=[meta, log], args=[f"({after_seq}-0", end, cutoff])
+        head, flat = json.loads(reply)
+        if not isinstance(flat, list):  # Lua's cjson writes an empty table as {}
+            flat = []
+        return Replay(entries=list(zip(flat[::2], flat[1::2], strict=True)), head_seq=int(head))
 
     async def close(self, stream_id: str, reason: str) -> Closed | None:
         close = self._client().close
