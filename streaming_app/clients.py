@@ -60,10 +60,9 @@ class Gap:
 
 
 class Delivery:
-    """One client's position in a stream: drops duplicates and fills holes from history.
-
-    Every chunk comes out once, in seq order; a range history no longer holds comes out as a
-    ``Gap`` instead of silence.
+    """One client's position in a stream, and its reads of history (a hole in the live
+    events, a resume, a paused client going on): every chunk comes out once, in seq order; a
+    range history no longer holds comes out as a ``Gap`` instead of silence.
     """
 
     def __init__(self, history: History, stream_id: str, delivered_seq: int = 0) -> None:
@@ -71,15 +70,6 @@ class Delivery:
         self.stream_id = stream_id
         self.delivered_seq = delivered_seq
         self.head_seq = 0  # the stream's head at the last read of history
-
-    async def receive(self, seq: int, chunk_json: str) -> list[Chunk | Gap]:
-        """What to send for a live chunk event."""
-        if seq <= self.delivered_seq:
-            return []
-        items = await self.catch_up(seq - 1) if seq > self.delivered_seq + 1 else []
-        items.append(Chunk(seq, chunk_json))
-        self.delivered_seq = seq
-        return items
 
     async def catch_up(
         self, up_to: int | None = None, limit: int | None = None
@@ -125,11 +115,8 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
-def item_frame(item: Chunk | Gap) -> tuple[ServerFrame, int | None, str]:
-    """``(frame type, seq, JSON text)`` for a chunk or a gap."""
-    if isinstance(item, Chunk):
-        return ServerFrame.CHUNK, item.seq, chunk_frame(item.seq, item.chunk_json)
-    return ServerFrame.GAP, None, frame(ServerFrame.GAP, from_seq=item.from_seq, to_seq=item.to_seq)
+def gap_frame(gap: Gap) -> str:
+    return frame(ServerFrame.GAP, from_seq=gap.from_seq, to_seq=gap.to_seq)
 
 
 class Follower:
@@ -354,7 +341,8 @@ class Follower:
             if seq > delivery.delivered_seq + 1:  # events went missing: history has them
                 await self.fill(seq - 1)
             if not (self.ended or self.paused) and delivery.delivered_seq == seq - 1:
-                await self.deliver(await delivery.receive(seq, chunk_json))
+                delivery.delivered_seq = seq  # the next one: no history involved
+                await self.write_chunk(seq, chunk_json)
         pushed_at = event.get("at")  # the producer's clock at push_chunk
         if pushed_at is not None and self.written_seq >= seq and not self.ended:
             metrics.DELIVERIES.observe(self.transport, max(0.0, time.time() - float(pushed_at)))
@@ -402,24 +390,37 @@ class Follower:
         for item in items:
             if self.ended:
                 return
-            kind, seq, text = item_frame(item)
-            if seq is not None and not self.has_room(utf8_len(text)):
-                assert self.delivery is not None
-                self.delivery.delivered_seq = self.written_seq  # from here on, from history
-                await self.hold_back()
-                return
-            sent = self.sent_bytes
+            if isinstance(item, Chunk):
+                if not await self.write_chunk(item.seq, item.chunk_json):
+                    return
+                continue
             try:
-                await self.write(kind, text, seq)
+                await self.write(ServerFrame.GAP, gap_frame(item), None)
             except Exception as exc:
                 await self.send_failed(exc)
                 return
-            self.written_seq = item.seq if isinstance(item, Chunk) else item.to_seq
-            if seq is not None:
-                self.wrote(seq, self.sent_bytes - sent)
-                metrics.DELIVERIES.count(self.transport)
-            else:
-                metrics.GAP_FRAMES.inc()
+            self.written_seq = item.to_seq
+            metrics.GAP_FRAMES.inc()
+
+    async def write_chunk(self, seq: int, chunk_json: str) -> bool:
+        """Write one chunk frame if the client has room; False when it had none (it is paused
+        or sent off, and goes on from history) or the send failed (the send-error policy)."""
+        text = chunk_frame(seq, chunk_json)
+        if not self.has_room(utf8_len(text)):
+            assert self.delivery is not None
+            self.delivery.delivered_seq = self.written_seq  # from here on, from history
+            await self.hold_back()
+            return False
+        sent = self.sent_bytes
+        try:
+            await self.write(ServerFrame.CHUNK, text, seq)
+        except Exception as exc:
+            await self.send_failed(exc)
+            return False
+        self.written_seq = seq
+        self.wrote(seq, self.sent_bytes - sent)
+        metrics.DELIVERIES.count(self.transport)
+        return True
 
     async def fill(self, up_to: int | None = None, *, page: list[Chunk | Gap] | None = None
                    ) -> None:  # fmt: skip

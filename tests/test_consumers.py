@@ -433,7 +433,7 @@ async def test_a_bug_in_a_handler_is_logged_closes_4500_and_releases_the_client(
     def bug(*args: Any, **kwargs: Any) -> None:
         raise KeyError("a bug")  # no test can cause a real bug in our code on purpose
 
-    monkeypatch.setattr("streaming_app.clients.item_frame", bug)
+    monkeypatch.setattr("streaming_app.clients.chunk_frame", bug)
     await manager.push_chunk(stream_id, delta(stream_id, "1"))
     frames, code = await peer.frames_until_close()
     assert code == CloseCode.INTERNAL_ERROR
