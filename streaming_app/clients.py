@@ -391,16 +391,22 @@ class Follower:
             if self.ended:
                 return
             if isinstance(item, Chunk):
-                if not await self.write_chunk(item.seq, item.chunk_json):
-                    return
-                continue
-            try:
-                await self.write(ServerFrame.GAP, gap_frame(item), None)
-            except Exception as exc:
-                await self.send_failed(exc)
+                written = await self.write_chunk(item.seq, item.chunk_json)
+            else:
+                written = await self.write_gap(item)
+            if not written:
                 return
-            self.written_seq = item.to_seq
-            metrics.GAP_FRAMES.inc()
+
+    async def write_gap(self, gap: Gap) -> bool:
+        """Write a ``gap`` frame; False when the send failed (the send-error policy)."""
+        try:
+            await self.write(ServerFrame.GAP, gap_frame(gap), None)
+        except Exception as exc:
+            await self.send_failed(exc)
+            return False
+        self.written_seq = gap.to_seq
+        metrics.GAP_FRAMES.inc()
+        return True
 
     async def write_chunk(self, seq: int, chunk_json: str) -> bool:
         """Write one chunk frame if the client has room; False when it had none (it is paused
@@ -651,25 +657,22 @@ class ChannelBridge(Follower):
         finally:
             await self.inbox.close()
 
-    async def deliver(self, items: list[Chunk | Gap]) -> None:
-        for item in items:
-            if self.ended:
-                break
-            if isinstance(item, Gap):
-                logger.warning(
-                    "stream %s: client %s missed seq %d-%d (no longer in history)",
-                    self.stream_id, self.client_id, item.from_seq, item.to_seq,
-                )  # fmt: skip
-                self._settle(item.to_seq)
-                continue
-            try:
-                await self.client.send_chunk(parse_chunk(json.loads(item.chunk_json)))
-            except Exception as exc:
-                waited = any(seq == item.seq for seq, _ in self._waiters)
-                if waited:
-                    self._failures[item.seq] = f"{type(exc).__name__}: {exc}"
-                await self.send_failed(exc, inline=waited)
-            self._settle(item.seq)
+    async def write_chunk(self, seq: int, chunk_json: str) -> bool:
+        try:
+            await self.client.send_chunk(parse_chunk(json.loads(chunk_json)))
+        except Exception as exc:
+            waited = any(waiting == seq for waiting, _ in self._waiters)
+            if waited:
+                self._failures[seq] = f"{type(exc).__name__}: {exc}"
+            await self.send_failed(exc, inline=waited)
+        self._settle(seq)
+        return True  # a plain client's failure does not stop the ones after it
+
+    async def write_gap(self, gap: Gap) -> bool:
+        logger.warning("stream %s: client %s missed seq %d-%d (no longer in history)",
+                       self.stream_id, self.client_id, gap.from_seq, gap.to_seq)  # fmt: skip
+        self._settle(gap.to_seq)
+        return True
 
     async def end(self, code: int, reason: str, *, close: bool = True) -> None:
         """Tell the plain client the stream closed (not when it was only deregistered) and

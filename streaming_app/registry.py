@@ -350,12 +350,24 @@ class Registry:
 
     @database_sync_to_async
     def remove_client(self, stream_id: str, client_id: str) -> ClientRef | None:
-        """Delete a client row; what it was, or None when there was none."""
-        row = StreamClient.objects.filter(stream_id=stream_id, client_id=client_id).first()
-        if row is None:
-            return None
-        row.delete()
-        return ClientRef(stream_id, client_id, row.channel_name, row.worker_id)
+        """Delete a client row; what it was, or None when there was none. Two plain statements
+        (every socket that leaves runs this): the ORM's delete collects related rows first."""
+        table, pk = _table(StreamClient), _quoted(StreamClient, "id")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT {pk}, {_quoted(StreamClient, 'channel_name')}, "
+                f"{_quoted(StreamClient, 'worker_id')} FROM {table} "
+                f"WHERE {_quoted(StreamClient, 'stream')} = %s "
+                f"AND {_quoted(StreamClient, 'client_id')} = %s",
+                [stream_id, client_id],
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            cursor.execute(f"DELETE FROM {table} WHERE {pk} = %s", [row[0]])
+            if cursor.rowcount != 1:  # another worker removed it meanwhile
+                return None
+        return ClientRef(stream_id, client_id, row[1], row[2])
 
     @database_sync_to_async
     def stream_exists(self, stream_id: str) -> bool:
