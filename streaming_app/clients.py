@@ -21,7 +21,10 @@ from .auth import subscribe_check
 from .chunks import AgentOSResponse, encode_chunk, parse_chunk
 from .conf import app_settings
 from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
+from .fanout import spawn, start_eagerly
 from .history import History
+from .layers import CHUNK as CHUNK_EVENT
+from .layers import WAKE as WAKE_EVENT
 from .layers import ChannelLayer, Inbox
 from .protocol import CloseCode, ServerFrame, chunk_frame, frame
 from .transcripts import build_snapshot
@@ -159,6 +162,16 @@ class Follower:
     # asked for the chunks (``?replay=chunks``) or its protocol has no snapshot.
     snapshots: ClassVar[bool] = True
     replay_chunks = False
+    # Handed the stream's events by its hub (fanout.py) rather than reading them on a channel
+    # of its own; what the hub cannot write at once waits in the mailbox for the client's own
+    # task, which empties it after whatever it handles (``_busy`` meanwhile).
+    uses_hub: ClassVar[bool] = False
+    hubbed = False  # its stream's hub hands it events (the layer allows it: StreamLayer.hubs)
+    MAILBOX_EVENTS: ClassVar[int] = 1024
+    _busy = False
+    _mailbox: deque[dict[str, Any]] | None = None
+    _woken = False
+    _writing: asyncio.Task[None] | None = None  # a write the hub started that waits for the peer
 
     # -- StreamClient (the seed's IStreamClient) -------------------------------------------
 
@@ -329,6 +342,83 @@ class Follower:
             logger.warning("client %s ignores event %r", self.client_id, event.get("type"))
             return
         await handler(event)
+
+    async def offer(self, event: dict[str, Any]) -> None:
+        """An event from the stream's hub. A chunk that needs nothing from history (the next
+        one, a duplicate, or one for a paused client, which reads it from history later) is
+        handled at once when the client's task is free; anything else goes to the mailbox,
+        and the task is woken to handle it in order."""
+        if self.ended:
+            return
+        mailbox = self._mailbox
+        if not self._busy and not mailbox and event["type"] == CHUNK_EVENT:
+            delivery, seq = self.delivery, event["seq"]
+            if delivery is not None and (
+                seq <= delivery.delivered_seq
+                or self.paused
+                or (seq == delivery.delivered_seq + 1 and "chunk" in event)
+            ):
+                self._busy = True
+                try:
+                    writing = start_eagerly(self.stream_chunk(event))
+                except BaseException:
+                    self._busy = False
+                    raise
+                if writing is None:
+                    self._busy = False
+                else:  # its send waits for the peer: the rest goes on in a task of its own
+                    self._writing = writing
+                    writing.add_done_callback(self._written)
+                return
+        if mailbox is None:
+            mailbox = self._mailbox = deque()
+        elif len(mailbox) >= self.MAILBOX_EVENTS:  # a client whose task is held up for long:
+            # the chunks it was offered are in the history, which the newest one makes it read
+            mailbox = self._mailbox = deque(e for e in mailbox if e["type"] != CHUNK_EVENT)
+            logger.info("client %s of stream %s: busy for %d events; it reads them from history",
+                        self.client_id, self.stream_id, self.MAILBOX_EVENTS)  # fmt: skip
+        mailbox.append(event)
+        if not self._busy and not self._woken:
+            self._woken = True
+            await self.wake()
+
+    def _written(self, writing: asyncio.Task[None]) -> None:
+        """A write the hub started that had to wait is done: the client is free again, and
+        what the hub left meanwhile is handled by its own task."""
+        self._writing = None
+        self._busy = False
+        if not writing.cancelled() and writing.exception() is not None:
+            spawn(self.crashed(writing.exception()))  # type: ignore[arg-type]
+        elif self._mailbox and not self._woken and not self.ended:
+            self._woken = True
+            spawn(self.wake())
+
+    async def finish_writing(self) -> None:
+        """Wait for a write the hub started (its own task must not write meanwhile)."""
+        while self._writing is not None:
+            await asyncio.wait([self._writing])
+
+    async def wake(self) -> None:
+        """Have the client's own task empty its mailbox (``stream.wake`` on its channel)."""
+        try:
+            assert self.worker is not None
+            await self.worker.manager.layer.layer.send(self.channel_name, {"type": WAKE_EVENT})
+        except Exception as exc:  # its next message (a sweeper's nudge at the latest) empties it
+            self._woken = False
+            logger.warning("client %s of stream %s: not woken for %d waiting event(s): %s: %s",
+                           self.client_id, self.stream_id, len(self._mailbox or ()),
+                           type(exc).__name__, exc)  # fmt: skip
+
+    async def stream_wake(self, event: dict[str, Any]) -> None:
+        self._woken = False  # the mailbox is emptied after this handler (empty_mailbox)
+
+    async def empty_mailbox(self) -> None:
+        """Handle what the hub left while this client's task was busy, in order."""
+        mailbox = self._mailbox
+        while mailbox and not self.ended:
+            await self.dispatch_event(mailbox.popleft())
+        if mailbox and self.ended:
+            mailbox.clear()
 
     async def stream_chunk(self, event: dict[str, Any]) -> None:
         delivery, seq = self.delivery, event["seq"]

@@ -94,6 +94,7 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
     """A browser (or any WebSocket peer) following one stream."""
 
     transport = "websocket"
+    uses_hub = True
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -133,6 +134,8 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
         behind. No message pays Channels' per-message database clean-up (a thread hop): the
         consumer's database work all runs in ``database_sync_to_async``, which cleans up
         around each call itself, and stream events touch no database."""
+        await self.finish_writing()
+        self._busy = True  # the hub leaves this client's events in its mailbox meanwhile
         try:
             if message["type"].startswith("stream."):
                 await self.dispatch_event(message)
@@ -141,10 +144,13 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
                 if handler is None:
                     raise ValueError(f"No handler for message type {message['type']}")
                 await handler(message)
+            await self.empty_mailbox()
         except StopConsumer:
             raise
         except Exception as exc:
             await self.crashed(exc)
+        finally:
+            self._busy = False
 
     async def disconnect(self, code: int) -> None:
         self.ended = True  # the peer is gone: nothing more can be sent

@@ -10,6 +10,11 @@ A stream is the group ``streaming.<stream_id>``. Events:
   channel: the manager removed it (``close``: a plain client's ``close()`` is called too)
 - ``stream.sync``         ``{"head_seq", "closed", "reason"}`` sent by the sweeper to a client
   that fell behind (its channel dropped messages): catch up to ``head_seq``, close if closed
+- ``stream.wake``         ``{}`` sent by a stream's hub to a WebSocket client of this process:
+  events wait in its mailbox (``fanout.py``)
+
+The group's members are the followers' own channels, except for WebSocket clients: their
+process joins the group once per stream, with a hub that hands each event to them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ CHUNK = "stream.chunk"
 CLOSED = "stream.closed"
 DEREGISTERED = "stream.deregistered"
 SYNC = "stream.sync"
+WAKE = "stream.wake"
 
 
 class ChannelLayer(Protocol):
@@ -73,6 +79,19 @@ class StreamLayer:
         from channels.layers import InMemoryChannelLayer
 
         return not isinstance(self.layer, InMemoryChannelLayer)
+
+    @property
+    def hubs(self) -> bool:
+        """Whether a stream's WebSocket clients in a process share one member of its group
+        (fanout.py): on the pub/sub and in-memory layers, which hand a group's event to a
+        process once. Channels' core Redis layer keeps a channel per client."""
+        from channels.layers import InMemoryChannelLayer
+
+        try:
+            from channels_redis.pubsub import RedisPubSubChannelLayer
+        except ImportError:  # pragma: no cover - channels_redis is a dependency
+            return isinstance(self.layer, InMemoryChannelLayer)
+        return isinstance(self.layer, InMemoryChannelLayer | RedisPubSubChannelLayer)
 
     def pubsub_group_prefix(self) -> tuple[str, str] | None:
         """``(redis address, channel prefix)`` when the layer is channels_redis's pub/sub

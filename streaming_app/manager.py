@@ -326,7 +326,11 @@ class StreamingManager:
                 raise self._backend_error(stream_id, "database", exc) from exc
             self.worker.hold(follower)
             try:
-                await self.layer.join(stream_id, follower.channel_name)
+                if follower.uses_hub and self.layer.hubs:
+                    await self.worker.fanout.join(follower)
+                    follower.hubbed = True
+                else:
+                    await self.layer.join(stream_id, follower.channel_name)
             except BaseException:
                 # Undo the registration only: a transport still refuses its peer (4503).
                 await self.worker.release(follower)

@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from .clients import ChannelBridge, Follower
 from .exceptions import StreamError
+from .fanout import Fanout
 from .history import StreamState
 from .protocol import CloseCode
 from .registry import Position
@@ -47,6 +48,14 @@ class Worker:
         self.joining: set[Key] = set()  # registrations under way: their rows may exist already
         self._nudge_positions: dict[Key, int] = {}
         self._saved_positions: dict[Key, Position] = {}
+        self._fanout: Fanout | None = None
+
+    @property
+    def fanout(self) -> Fanout:
+        """This process's hubs (one per stream with WebSocket clients here)."""
+        if self._fanout is None:
+            self._fanout = Fanout(self.manager.layer)
+        return self._fanout
 
     def __len__(self) -> int:
         return len(self.followers)
@@ -80,7 +89,10 @@ class Worker:
         if follower.joined:
             follower.joined = False
             with contextlib.suppress(StreamError):
-                await manager.layer.leave(follower.stream_id, follower.channel_name)
+                if follower.hubbed:
+                    await self.fanout.leave(follower)
+                else:
+                    await manager.layer.leave(follower.stream_id, follower.channel_name)
         if follower.registered:
             follower.registered = False
             try:

@@ -28,9 +28,12 @@ application = URLRouter(websocket_urlpatterns)
 
 @pytest.fixture
 def slow_consumer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the consumer slower than the producer, so its channel really overflows."""
+    """Make the consumer slower than the producer, so its channel really overflows. It reads
+    a channel of its own, as a WebSocket client on the core Redis layer and every other
+    transport do (with a hub there is no such channel: see ``test_fanout.py``)."""
     from streaming_app.consumers import StreamConsumer
 
+    monkeypatch.setattr(StreamConsumer, "uses_hub", False)
     original = StreamConsumer.send
 
     async def slow_send(self: StreamConsumer, *args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,161 @@
+"""One subscription per stream and process for the WebSocket clients: the stream's events are
+received once and handed to each client of this process directly.
+
+A Channels consumer that joins a group gets every event on a channel of its own: the layer
+queues it once per consumer, the consumer's loop decodes it again and starts a task for it.
+That per-client cost was a third of a worker's CPU per delivered chunk. Here the stream's
+group has one member per process, a :class:`Hub`, whose task receives each event once and
+offers it to every client of the stream in this process (:meth:`Follower.offer`): the next
+chunk of a client that is free is written at once; anything else (a hole to fill from history,
+a paused client, a close) goes to the client's own mailbox and is handled by its own task, in
+order, as before. A client's own channel still gets what is sent to it alone (``stream.sync``,
+``stream.deregistered``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import StreamError
+from .layers import Inbox
+
+if TYPE_CHECKING:
+    from .clients import Follower
+    from .layers import StreamLayer
+
+logger = logging.getLogger(__name__)
+
+
+_spawned: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` in a task of its own, kept until it is done (the loop holds tasks weakly)."""
+    task = asyncio.ensure_future(coro)
+    _spawned.add(task)
+    task.add_done_callback(_spawned.discard)
+
+
+def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run ``coro`` at once, up to the first time it waits: None when it finished without
+    waiting (a write under Daphne, which queues it), else a task that finishes it, so that
+    a client whose send waits for its peer (uvicorn, hypercorn) does not hold the hub up.
+    What Python 3.12 calls an eager task."""
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_finish(coro, waiting_on))
+
+
+async def _finish(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Go on with a coroutine that started elsewhere: wait for what it waits on, resume it."""
+    try:
+        while True:
+            if waiting_on is None:  # a bare yield (asyncio.sleep(0))
+                await asyncio.sleep(0)
+            else:
+                await asyncio.wait([waiting_on])
+            try:
+                waiting_on = coro.send(None)
+            except StopIteration:
+                return
+    except asyncio.CancelledError:
+        coro.close()
+        raise
+
+
+class Hub:
+    """A stream's member of its group in this process, and the clients it hands events to."""
+
+    def __init__(self, layer: StreamLayer, stream_id: str) -> None:
+        self.layer = layer
+        self.stream_id = stream_id
+        self.inbox = Inbox(layer.layer)
+        self.followers: dict[str, Follower] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.dispatching = False  # handing an event to the clients (not waiting for one)
+
+    async def open(self) -> None:
+        channel = await self.inbox.open("streaming.hub.")
+        try:
+            await self.layer.join(self.stream_id, channel)
+        except BaseException:
+            await self.inbox.close()
+            raise
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"streaming-hub-{self.stream_id}"
+        )
+
+    async def close(self) -> None:
+        """Leave the group and stop. A hub handing out an event finishes it first (one of its
+        clients may be ending, and cancelling would cut that short); the hub releases its
+        channel as it stops."""
+        self.closed = True
+        with contextlib.suppress(StreamError):
+            await self.layer.leave(self.stream_id, self.inbox.name)
+        task, self.task = self.task, None
+        if task is not None and not self.dispatching:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        try:
+            while not self.closed:
+                try:
+                    event = await self.inbox.get()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the layer failed: the sweeper's nudges repair what was missed
+                    logger.exception("stream %s: its hub could not receive", self.stream_id)
+                    await asyncio.sleep(1)
+                    continue
+                self.dispatching = True
+                try:
+                    for follower in list(self.followers.values()):
+                        try:
+                            await follower.offer(event)
+                        except Exception as exc:  # one client's failure is its own
+                            await follower.crashed(exc)
+                finally:
+                    self.dispatching = False
+        finally:
+            await self.inbox.close()
+
+
+class Fanout:
+    """This process's hubs, one per stream with WebSocket clients here."""
+
+    def __init__(self, layer: StreamLayer) -> None:
+        self.layer = layer
+        self.hubs: dict[str, Hub] = {}
+        # Opening and closing hubs: only a stream's first client and its last one wait on the
+        # layer inside it; the others add or remove themselves.
+        self._lock = asyncio.Lock()
+
+    async def join(self, follower: Follower) -> None:
+        """Hand ``follower`` its stream's events from now on (opening the hub if needed)."""
+        async with self._lock:
+            hub = self.hubs.get(follower.stream_id)
+            if hub is None:
+                hub = Hub(self.layer, follower.stream_id)
+                await hub.open()
+                self.hubs[follower.stream_id] = hub
+            hub.followers[follower.client_id] = follower
+
+    async def leave(self, follower: Follower) -> None:
+        """Stop handing ``follower`` events; the last one out closes the hub."""
+        async with self._lock:
+            hub = self.hubs.get(follower.stream_id)
+            if hub is None or hub.followers.get(follower.client_id) is not follower:
+                return
+            del hub.followers[follower.client_id]
+            if not hub.followers:
+                del self.hubs[follower.stream_id]
+                await hub.close()

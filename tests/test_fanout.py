@@ -1,0 +1,134 @@
+"""WebSocket clients of one stream in one process share one subscription (the stream's hub):
+each event is received once and handed to them; a client whose send waits for its peer holds
+up neither the hub nor the others."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from channels.layers import get_channel_layer
+
+from streaming_app.fanout import start_eagerly
+from streaming_app.layers import group_name
+from streaming_app.manager import StreamingManager
+
+from .conftest import delta, eventually
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def members(stream_id: str) -> set[str]:
+    layer: Any = get_channel_layer()
+    return set(layer.groups.get(group_name(stream_id), {}))
+
+
+async def test_clients_of_a_stream_share_one_member_of_its_group(
+    manager: StreamingManager, connect: Any, session_key: str
+) -> None:
+    stream_id = await manager.create_stream(session_key=session_key)
+    peers = [await connect(stream_id) for _ in range(3)]
+    for peer in peers:
+        await peer.frame()
+    (hub,) = members(stream_id)
+    assert hub.startswith("streaming.hub.")
+    for text in ("a", "b", "c"):
+        await manager.push_chunk(stream_id, delta(stream_id, text))
+    for peer in peers:
+        frames = [await peer.frame() for _ in range(3)]
+        assert [f["chunk"]["text_delta"] for f in frames] == ["a", "b", "c"]
+    for peer in peers:
+        await peer.communicator.disconnect()
+    await eventually(lambda: not members(stream_id) and not manager.worker.fanout.hubs)
+
+
+async def test_a_client_whose_send_waits_holds_up_no_one(
+    manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streaming_app.consumers import StreamConsumer
+
+    stream_id = await manager.create_stream(session_key=session_key)
+    slow, fast = await connect(stream_id), await connect(stream_id)
+    slow_id = (await slow.frame())["client_id"]
+    await fast.frame()
+    peer_reads = asyncio.Event()  # the slow peer's socket drains (uvicorn's send waits for it)
+    original = StreamConsumer.send
+
+    async def send(self: StreamConsumer, *args: Any, **kwargs: Any) -> None:
+        if self.client_id == slow_id:
+            await peer_reads.wait()
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamConsumer, "send", send)
+    for text in ("a", "b", "c"):
+        await manager.push_chunk(stream_id, delta(stream_id, text))
+    frames = [await fast.frame() for _ in range(3)]  # while the slow one waits
+    assert [f["chunk"]["text_delta"] for f in frames] == ["a", "b", "c"]
+    assert await slow.silent()
+    peer_reads.set()
+    frames = [await slow.frame() for _ in range(3)]
+    assert [f["seq"] for f in frames] == [1, 2, 3]
+    assert await slow.silent()
+
+
+async def test_start_eagerly_finishes_what_does_not_wait_and_hands_on_what_does() -> None:
+    ran: list[str] = []
+
+    async def quick() -> None:
+        ran.append("quick")
+
+    assert start_eagerly(quick()) is None
+    assert ran == ["quick"]
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def waits() -> None:
+        ran.append(await gate)
+        await asyncio.sleep(0)
+        ran.append("after")
+
+    task = start_eagerly(waits())
+    assert task is not None and not task.done()
+    gate.set_result("woken")
+    await task
+    assert ran == ["quick", "woken", "after"]
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("in the task")
+
+    failing = start_eagerly(fails())
+    assert failing is not None
+    with pytest.raises(KeyError):
+        await failing
+
+
+async def test_a_client_busy_for_long_reads_what_it_was_offered_from_history(
+    manager: StreamingManager,
+    connect: Any,
+    session_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from streaming_app.clients import Follower
+    from streaming_app.consumers import StreamConsumer
+
+    monkeypatch.setattr(Follower, "MAILBOX_EVENTS", 5)
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    original = StreamConsumer.send
+
+    async def slow_send(self: StreamConsumer, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.02)  # slower than the producer: its mailbox fills
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamConsumer, "send", slow_send)
+    for i in range(1, 41):
+        await manager.push_chunk(stream_id, delta(stream_id, str(i)))
+    frames = [await peer.frame() for _ in range(40)]
+    assert [f["seq"] for f in frames] == list(range(1, 41))
+    assert [f["chunk"]["text_delta"] for f in frames] == [str(i) for i in range(1, 41)]
+    assert await peer.silent()
+    assert any("reads them from history" in r.getMessage() for r in caplog.records)
+    assert any("catch-up" in r.getMessage() for r in caplog.records)
