@@ -494,10 +494,14 @@ class Registry:
         does not hold; the held clients of active streams whose rows are gone (another worker
         reaped them)."""
         with transaction.atomic():
-            rows = StreamClient.objects.filter(worker_id=worker_id).values_list(
-                "pk", "stream_id", "client_id"
-            )
-            present = {(s, c): pk for pk, s, c in rows}
+            with connection.cursor() as cursor:  # every row of this worker, every pass
+                cursor.execute(
+                    f"SELECT {_quoted(StreamClient, 'id')}, {_quoted(StreamClient, 'stream')}, "
+                    f"{_quoted(StreamClient, 'client_id')} FROM {_table(StreamClient)} "
+                    f"WHERE {_quoted(StreamClient, 'worker_id')} = %s",
+                    [worker_id],
+                )
+                present = {(s, c): pk for pk, s, c in cursor.fetchall()}
             stale = [pk for key, pk in present.items() if key not in held]
             if stale:  # a row newer than the list of held clients may be a registration under way
                 StreamClient.objects.filter(pk__in=stale, connected_at__lt=held_at).delete()
