@@ -440,6 +440,21 @@ async def _subscribed(ws: Any, raw: bool) -> None:
             raise RuntimeError(f"not subscribed: {frame}")
 
 
+class Acker:
+    """A benchmark client's acks, as the JavaScript client sends them: after 64 chunks or a
+    quarter of the window's bytes read since the last one."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.acked = self.unacked_bytes = 0
+
+    async def read(self, seq: int, size: int) -> None:
+        self.unacked_bytes += size
+        if seq - self.acked >= 64 or self.unacked_bytes >= ACK_BYTES:
+            self.acked, self.unacked_bytes = seq, 0
+            await self.ws.send(json.dumps({"type": "ack", "seq": seq}))
+
+
 async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
                   ready: asyncio.Event, gate: asyncio.Semaphore) -> None:  # fmt: skip
     """One client: every chunk it receives (seq, producer's stamp, receipt) until its stream
@@ -451,7 +466,7 @@ async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
     try:
         await _subscribed(ws, raw)
         ready.set()
-        acked, unacked_bytes = 0, 0
+        acker = Acker(ws)
         async for text in ws:
             now = time.time()
             frame = json.loads(text)
@@ -461,10 +476,7 @@ async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
                 received.append((frame["seq"], frame["t"], now))
             elif frame["type"] == "chunk":
                 received.append((frame["seq"], frame["chunk"]["metadata"]["t"], now))
-                unacked_bytes += len(text)
-                if frame["seq"] - acked >= 64 or unacked_bytes >= ACK_BYTES:  # as the JS client
-                    acked, unacked_bytes = frame["seq"], 0
-                    await ws.send(json.dumps({"type": "ack", "seq": acked}))
+                await acker.read(frame["seq"], len(text))
             elif frame["type"] == "closed":
                 return
     except ConnectionClosed:

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .bench import ACK_BYTES, Deployment, Worker, _all_ready, _connect, _subscribed
+from .bench import Acker, Deployment, Worker, _all_ready, _connect, _subscribed
 from .chunks import TextDeltaChunk
 
 TOKEN = re.compile(r"tok(\d+) ")
@@ -79,16 +79,13 @@ async def _read(url: str, frames: list[tuple[float, str, int]], ready: asyncio.E
     try:
         await _subscribed(ws, False)
         ready.set()
-        acked, unacked = 0, 0
+        acker = Acker(ws)
         async for text in ws:
             now = time.time()
             frame = json.loads(text)
             if frame["type"] == "chunk":
                 frames.append((now, frame["chunk"]["text_delta"], len(text.encode())))
-                unacked += len(text)
-                if frame["seq"] - acked >= 64 or unacked >= ACK_BYTES:  # as the JS client
-                    acked, unacked = frame["seq"], 0
-                    await ws.send(json.dumps({"type": "ack", "seq": acked}))
+                await acker.read(frame["seq"], len(text))
             elif frame["type"] == "closed":
                 return
     except ConnectionClosed:

@@ -24,6 +24,7 @@ from streaming_app.routing import websocket_urlpatterns
 
 from .servers import (
     SETTINGS,
+    RedisServer,
     base_env,
     create_postgres_database,
     drop_postgres_database,
@@ -235,3 +236,12 @@ def browser() -> Iterator[Browser]:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, to stop and start again (empty) mid-test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -282,14 +280,6 @@ def test_the_sync_facade_never_holds_a_delta(transactional_db: None) -> None:
 
 
 # -- a push of held text that fails ----------------------------------------------------
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_a_window_end_that_fails_is_logged_counted_raised_and_sent_again(

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -496,15 +494,6 @@ async def test_idle_streams_are_closed_once_by_racing_sweepers() -> None:
 
 
 # -- a close that fails part-way -----------------------------------------------------------
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, to stop and start again (empty) mid-test."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_a_close_that_fails_half_way_is_a_stream_error_and_can_be_finished(

@@ -10,9 +10,11 @@ against its goal. Every process it starts is stopped before it exits, whatever e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 from argparse import ArgumentParser
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -26,6 +28,25 @@ from streaming_app.manager import get_streaming_manager
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the finally that stops the children
+
+
+@contextlib.contextmanager
+def deployed(options: dict[str, Any]) -> Iterator[bench.Deployment]:
+    """A deployment (Redis, database) whose every process is stopped, whatever ends the run
+    (an error, Ctrl-C, SIGTERM)."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    children = Children()
+    deployment: bench.Deployment | None = None
+    try:
+        deployment = bench.Deployment(children, options["redis_url"], options["database_url"])
+        yield deployment
+    finally:
+        try:
+            children.close()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if deployment is not None:
+                deployment.close()
 
 
 class Command(BaseCommand):
@@ -68,12 +89,8 @@ class Command(BaseCommand):
         deltas = 2_000 if options["quick"] else 20_000
         joins = async_to_sync(bench_join.snapshot_against_replay)(deltas)
         report["join"] = [r.to_dict() for r in joins]
-        previous = signal.signal(signal.SIGTERM, _terminated)
-        children = Children()
-        deployment: bench.Deployment | None = None
         results = bench.WorkerResults()
-        try:
-            deployment = bench.Deployment(children, options["redis_url"], options["database_url"])
+        with deployed(options) as deployment:
             for layer in layers:
                 for system in bench.SYSTEMS:
                     out = asyncio.run(bench.run_worker(deployment, system, layer, plan,
@@ -88,13 +105,6 @@ class Command(BaseCommand):
             coalesce = asyncio.run(bench_coalesce.compare(deployment, primary, options["quick"],
                                                           plan.drain))  # fmt: skip
             report["coalesce"] = [r.to_dict() for r in coalesce]
-        finally:
-            try:
-                children.close()
-            finally:
-                signal.signal(signal.SIGTERM, previous)
-                if deployment is not None:
-                    deployment.close()
         order = {name: i for i, name in enumerate(bench.SYSTEMS)}
         results.end_to_end.sort(key=lambda r: (r.scenario, layers.index(r.layer),
                                                order[r.system]))  # fmt: skip
@@ -122,19 +132,8 @@ class Command(BaseCommand):
     def coalesce(self, options: dict[str, Any], layer: str, drain: float
                  ) -> list[dict[str, Any]]:  # fmt: skip
         """Only the coalescing rows, on a deployment of their own (stopped whatever ends it)."""
-        previous = signal.signal(signal.SIGTERM, _terminated)
-        children = Children()
-        deployment: bench.Deployment | None = None
-        try:
-            deployment = bench.Deployment(children, options["redis_url"], options["database_url"])
+        with deployed(options) as deployment:
             runs = asyncio.run(bench_coalesce.compare(deployment, layer, options["quick"], drain))
-        finally:
-            try:
-                children.close()
-            finally:
-                signal.signal(signal.SIGTERM, previous)
-                if deployment is not None:
-                    deployment.close()
         return [r.to_dict() for r in runs]
 
     def ratios(self, results: list[bench.Result]) -> dict[str, dict[str, float]]:
