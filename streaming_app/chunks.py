@@ -213,8 +213,8 @@ def encode_chunk(
         )
     except (TypeError, ValueError) as exc:
         raise _invalid(f"chunk is not JSON-serialisable: {exc}", stream_id=stream_id) from exc
-    size = len(text.encode())
-    if size > max_bytes:
+    # (a code point is at most 4 bytes in UTF-8: most chunks need no encoding to know)
+    if len(text) * 4 > max_bytes and (size := len(text.encode())) > max_bytes:
         raise _invalid(
             f"chunk is {size} bytes, over the limit of {max_bytes} (MAX_CHUNK_BYTES)",
             stream_id=stream_id,

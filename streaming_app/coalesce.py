@@ -33,7 +33,6 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import metrics
 from .chunks import AgentOSResponse, TextDeltaChunk, encode_chunk, parse_chunk
 from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
@@ -196,8 +195,7 @@ class Coalescer:
         the same round trip; nothing is merged. The seqs of ``chunks``."""
         state = self.streams.get(stream_id)
         if state is None:
-            with metrics.PUSH_SECONDS.time():
-                return await self.manager._push(stream_id, chunks, raise_failures=raise_failures)
+            return await self.manager._push(stream_id, chunks, raise_failures=raise_failures)
         state.used = time.monotonic()
         if raise_failures:
             self._raise_failure(state)
@@ -274,8 +272,7 @@ class Coalescer:
 
     async def _push_now(self, stream_id: str, chunks: list[AgentOSResponse | dict[str, Any]]
                         ) -> int:  # fmt: skip
-        with metrics.PUSH_SECONDS.time():
-            return (await self.manager._push(stream_id, chunks, raise_failures=True))[-1]
+        return (await self.manager._push(stream_id, chunks, raise_failures=True))[-1]
 
     async def _send(
         self, stream_id: str, state: _Stream, extra: list[AgentOSResponse | dict[str, Any]], *,
@@ -295,8 +292,7 @@ class Coalescer:
         if held:  # the window runs from when text goes out, not from when the push returns
             state.last_sent = asyncio.get_running_loop().time()
         try:
-            with metrics.PUSH_SECONDS.time():
-                seqs = await self.manager._push(stream_id, chunks, raise_failures=raise_failures)
+            seqs = await self.manager._push(stream_id, chunks, raise_failures=raise_failures)
         except StreamError as exc:
             if held:
                 if exc.code in _GONE or exc.details.get("pushed"):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -388,8 +389,7 @@ class StreamingManager:
         """
         if self.coalescer.enabled:
             return await self.coalescer.push(stream_id, chunk)
-        with metrics.PUSH_SECONDS.time():
-            return (await self._push(stream_id, [chunk], raise_failures=True))[0]
+        return (await self._push(stream_id, [chunk], raise_failures=True))[0]
 
     async def push_chunks(
         self, stream_id: str, chunks: Sequence[AgentOSResponse | dict[str, Any]]
@@ -404,8 +404,7 @@ class StreamingManager:
             )  # fmt: skip
         if self.coalescer.enabled:  # held text deltas go first, in the same round trip
             return await self.coalescer.push_many(stream_id, list(chunks))
-        with metrics.PUSH_SECONDS.time():
-            return await self._push(stream_id, list(chunks), raise_failures=True)
+        return await self._push(stream_id, list(chunks), raise_failures=True)
 
     async def close_stream(
         self,
@@ -623,14 +622,20 @@ class StreamingManager:
         raise_failures: bool,
     ) -> list[int]:  # fmt: skip
         """Append and publish; then, once the chunks are out, advance the snapshot (at most
-        half a history at a time, so no chunk is trimmed before the snapshot has it)."""
-        step, seqs = max(1, app_settings.HISTORY_MAX_CHUNKS // 2), []
-        for start in range(0, len(chunks), step):
-            seqs += await self._append_and_publish(
-                stream_id, chunks[start : start + step], raise_failures=raise_failures
-            )
-            await self._advance_snapshot(stream_id, seqs[-1])
-        return seqs
+        half a history at a time, so no chunk is trimmed before the snapshot has it). Its
+        time goes to ``streaming_push_seconds``."""
+        started = time.perf_counter()
+        try:
+            step, seqs = max(1, app_settings.HISTORY_MAX_CHUNKS // 2), []
+            for start in range(0, len(chunks), step):
+                seqs += await self._append_and_publish(
+                    stream_id, chunks[start : start + step], raise_failures=raise_failures
+                )
+                if seqs[-1] - self._snapshot_seqs.get(stream_id, 0) >= step:
+                    await self._advance_snapshot(stream_id, seqs[-1])
+            return seqs
+        finally:
+            metrics.PUSH_SECONDS.observe(time.perf_counter() - started)
 
     async def _append_and_publish(
         self, stream_id: str, chunks: list[AgentOSResponse | dict[str, Any]], *,
@@ -644,8 +649,10 @@ class StreamingManager:
         # The fast path publishes inside the append; plain clients in this process need the
         # slow one, which registers their waiters between the two.
         publish_to = ""
-        if self._publish_prefix and not bridges and await self._fast_path():
-            publish_to = self._publish_prefix + stream_id
+        if self._publish_prefix and not bridges:
+            proven = self._fast_path_proven  # decided once per process: no await once known
+            if proven.result() if proven is not None and proven.done() else await self._fast_path():
+                publish_to = self._publish_prefix + stream_id
         result: AppendResult
         try:
             result = await self.history.append_many(

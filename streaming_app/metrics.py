@@ -47,28 +47,60 @@ VIEW_METRICS_PERMISSION = "streaming_app.view_metrics"
 REGISTRY = CollectorRegistry(auto_describe=True)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                    5.0, 10.0)  # fmt: skip
-PUSH_SECONDS = Histogram(
-    "streaming_push_seconds", "push_chunk duration in the producer (append and publish)",
-    buckets=LATENCY_BUCKETS, registry=REGISTRY,
-)  # fmt: skip
+
+
+class Seconds:
+    """One histogram's numbers, kept plain: a count per bucket (+Inf last), then the sum.
+    ``prometheus_client``'s Histogram takes a lock and checks the metric on every call, a
+    few microseconds on a hot path; these are bumped on the event loop and exported at
+    scrape time."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: list[float] = [0] * (len(LATENCY_BUCKETS) + 2)
+
+    def observe(self, seconds: float) -> None:
+        counts = self.counts
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        cumulative = itertools.accumulate(self.counts[:-1])
+        bounds = [*map(_bound, LATENCY_BUCKETS), "+Inf"]
+        family.add_metric(labels, list(zip(bounds, cumulative, strict=True)),
+                          sum_value=self.counts[-1])  # fmt: skip
+
+
+class PushSeconds(Collector):
+    """``streaming_push_seconds``: how long each push took in the producer."""
+
+    def __init__(self) -> None:
+        self.seconds = Seconds()
+        self.observe = self.seconds.observe
+
+    def collect(self) -> Iterator[Any]:
+        family = HistogramMetricFamily(
+            "streaming_push_seconds", "push_chunk duration in the producer (append and publish)"
+        )
+        self.seconds.add_to(family, [])
+        yield family
 
 
 class Deliveries(Collector):
     """What the transports count for every frame they write: chunk frames, and the time from
-    ``push_chunk`` to the write, by transport. Plain integers bumped on the event loop and
-    exported at scrape time as ``streaming_chunks_delivered`` and
-    ``streaming_delivery_seconds``: ``prometheus_client``'s Counter and Histogram take a
-    lock and check the metric on every call, a few microseconds per delivery."""
+    ``push_chunk`` to the write, by transport. Plain numbers (see :class:`Seconds`),
+    exported as ``streaming_chunks_delivered`` and ``streaming_delivery_seconds``."""
 
     def __init__(self, transports: Iterable[str]) -> None:
         self.delivered: dict[str, int] = {}
-        self.latency: dict[str, list[float]] = {}  # per bucket (+Inf last), then the sum
+        self.latency: dict[str, Seconds] = {}
         for transport in transports:
             self._add(transport)
 
     def _add(self, transport: str) -> None:
         self.delivered[transport] = 0
-        self.latency[transport] = [0] * (len(LATENCY_BUCKETS) + 2)
+        self.latency[transport] = Seconds()
 
     def count(self, transport: str) -> None:
         if transport not in self.delivered:
@@ -80,8 +112,7 @@ class Deliveries(Collector):
         if latency is None:
             self._add(transport)
             latency = self.latency[transport]
-        latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        latency[-1] += seconds
+        latency.observe(seconds)
 
     def collect(self) -> Iterator[Any]:
         delivered = CounterMetricFamily("streaming_chunks_delivered",
@@ -93,11 +124,8 @@ class Deliveries(Collector):
         latency = HistogramMetricFamily("streaming_delivery_seconds",
                                         "From push_chunk to the frame written to a client",
                                         labels=["transport"])  # fmt: skip
-        bounds = [*map(_bound, LATENCY_BUCKETS), "+Inf"]
-        for transport, counts in self.latency.items():
-            cumulative = list(itertools.accumulate(counts[:-1]))
-            latency.add_metric([transport], list(zip(bounds, cumulative, strict=True)),
-                               sum_value=counts[-1])  # fmt: skip
+        for transport, seconds in self.latency.items():
+            seconds.add_to(latency, [transport])
         yield latency
 
 
@@ -125,6 +153,8 @@ TOO_FAR_BEHIND = Counter(
 TRANSPORTS = ("websocket", "sse", "ag-ui", "ai-sdk", "python")
 DELIVERIES = Deliveries(TRANSPORTS)
 REGISTRY.register(DELIVERIES)
+PUSH_SECONDS = PushSeconds()
+REGISTRY.register(PUSH_SECONDS)
 for _transport in TRANSPORTS:
     TOO_FAR_BEHIND.labels(_transport)
     SNAPSHOTS.labels(_transport)

@@ -9,21 +9,30 @@ Stream whose entry ids are ``<seq>-0``, trimmed to ``HISTORY_MAX_CHUNKS``) and `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import math
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .conf import app_settings
 from .exceptions import GMIErrorCode, StreamError
 from .history import AppendResult, Closed, Replay, StreamState
+
+logger = logging.getLogger(__name__)
 
 # Keys of open streams outlive idle periods by this much at least (their inactivity timeout
 # closes them long before); closed streams keep their history for HISTORY_MAX_AGE_SECONDS.
@@ -150,6 +159,109 @@ class _Client:
     close: AsyncScript
     states: AsyncScript
     read: AsyncScript
+    pipe: Pipelined
+
+    async def aclose(self) -> None:
+        await self.pipe.aclose()
+        await self.redis.aclose()
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def pack(*args: bytes) -> bytes:
+    """A command in RESP, the protocol's own framing: its arguments as bulk strings."""
+    return b"*%d\r\n%s" % (len(args), b"".join(map(_bulk, args)))
+
+
+class Pipelined:
+    """One connection of the pool kept for pushes, pipelined: each command is written as it
+    comes and one task reads the replies, in order, for their waiters. Concurrent pushes
+    share it without waiting for each other or for the pool, and a push costs the producer
+    the write, one wake-up and the reply (redis-py's command machinery, the pool's locks and
+    its metrics cost as much again, measured in ``streaming_bench``). The reader also
+    notices at once a connection the server closed (an idle timeout): the next command
+    reconnects. ``scripts`` are loaded on each connect (Redis may have restarted)."""
+
+    def __init__(self, pool: BlockingConnectionPool, scripts: Sequence[str] = ()) -> None:
+        self._pool = pool
+        self._scripts = scripts
+        self._connection: AbstractConnection | None = None
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+
+    async def execute(self, command: bytes) -> Any:
+        """Send one packed command; its reply (a Redis error reply raised as redis-py's)."""
+        connection = self._connection
+        if connection is None or not connection.is_connected or self._reader is None:
+            connection = await self._connect()
+        waiter = asyncio.get_running_loop().create_future()
+        # The write and the waiter's place in line go together, with no await between: the
+        # replies come in the order of the writes.
+        self._waiters.append(waiter)
+        writer = connection._writer  # redis-py's asyncio StreamWriter for the socket
+        assert writer is not None
+        writer.write(command)
+        if writer.transport.get_write_buffer_size() > 2**20:
+            await writer.drain()  # Redis is slower than the pushes: wait for the socket
+        return await waiter
+
+    async def _connect(self) -> AbstractConnection:
+        async with self._connecting:
+            connection = self._connection
+            if connection is None or not connection.is_connected or self._reader is None:
+                if connection is None:
+                    connection = self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                await connection.connect()
+                for script in self._scripts:  # before anything else is written
+                    await connection.send_command("SCRIPT", "LOAD", script)
+                    await connection.read_response()
+                self._reader = asyncio.ensure_future(self._read(connection))
+            return connection
+
+    async def _read(self, connection: AbstractConnection) -> None:
+        waiters = self._waiters
+        try:
+            while True:
+                try:
+                    reply = await connection.read_response(timeout=math.inf)  # idle is fine
+                except ResponseError as exc:  # an error reply: the stream is still in step
+                    reply = exc
+                if not waiters:
+                    raise RedisConnectionError("a reply that no command waits for")
+                waiter = waiters.popleft()
+                if waiter.done():  # its caller was cancelled: the command ran all the same
+                    continue
+                if isinstance(reply, ResponseError):
+                    waiter.set_exception(reply)
+                else:
+                    waiter.set_result(reply)
+        except BaseException as exc:
+            # The connection is gone (or the loop is closing): whatever waits fails, and the
+            # next command reconnects. Whether a command in flight ran is unknown.
+            if waiters and not isinstance(exc, asyncio.CancelledError):
+                logger.warning("redis push connection lost with %d command(s) in flight: %s",
+                               len(waiters), exc)  # fmt: skip
+            error = exc if isinstance(exc, Exception) else RedisConnectionError("connection closed")
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(error)
+            await connection.disconnect(nowait=True)
+            self._reader = None
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._connection is not None:
+            await self._pool.release(self._connection)
+            self._connection = None
 
 
 class RedisHistory:
@@ -208,7 +320,8 @@ class RedisHistory:
                 health_check_interval=10, retry=Retry(NoBackoff(), 1),
             )  # fmt: skip
             client = Redis.from_pool(pool)
-            entry = _Client(client, *map(client.register_script, (APPEND, CLOSE, STATES, READ)))
+            append, close, states, read = map(client.register_script, (APPEND, CLOSE, STATES, READ))
+            entry = _Client(client, append, close, states, read, Pipelined(pool, [APPEND]))
             self._clients[loop] = entry
             self._close_with(loop)
         return entry
@@ -221,7 +334,7 @@ class RedisHistory:
         def close() -> None:
             entry = self._clients.pop(loop, None)
             if entry is not None and not loop.is_running():
-                loop.run_until_complete(entry.redis.aclose())
+                loop.run_until_complete(entry.aclose())
             loop.close = original  # type: ignore[method-assign]
             original()
 
@@ -253,12 +366,20 @@ class RedisHistory:
         publish_to: str = "",
     ) -> AppendResult:  # fmt: skip
         """Append several chunks in one round trip (one script call); ``seq`` is the last."""
-        append = self._client().append
-        args: list[str | int | float] = [
-            time.time(), self.max_chunks, OPEN_TTL_SECONDS, int(take_failures), publish_to,
-            app_settings.INLINE_CHUNK_BYTES, *chunk_jsons,
-        ]  # fmt: skip
-        result: list[Any] = await append(keys=_keys(stream_id), args=args)
+        client = self._client()
+        command = pack(
+            b"EVALSHA", client.append.sha.encode(), b"3",
+            *(key.encode() for key in _keys(stream_id)),
+            repr(time.time()).encode(), b"%d" % self.max_chunks, b"%d" % OPEN_TTL_SECONDS,
+            b"1" if take_failures else b"0",
+            publish_to.encode(), b"%d" % app_settings.INLINE_CHUNK_BYTES,
+            *(chunk.encode() for chunk in chunk_jsons),
+        )  # fmt: skip
+        try:
+            result: list[Any] = await client.pipe.execute(command)
+        except NoScriptError:  # the scripts were flushed since it connected: load it again
+            await client.pipe.execute(pack(b"SCRIPT", b"LOAD", APPEND.encode()))
+            result = await client.pipe.execute(command)
         status = int(result[0])
         if status == -1:
             raise StreamError(
@@ -355,7 +476,7 @@ class RedisHistory:
         """Close this event loop's connections (at shutdown)."""
         entry = self._clients.pop(asyncio.get_running_loop(), None)
         if entry is not None:
-            await entry.redis.aclose()
+            await entry.aclose()
 
     async def forget(self, stream_id: str) -> None:
         client = self._client().redis

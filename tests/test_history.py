@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from streaming_app.exceptions import GMIErrorCode, StreamError
-from streaming_app.history import Closed, History, MemoryHistory
+from streaming_app.history import AppendResult, Closed, History, MemoryHistory
 from streaming_app.redis_history import RedisHistory
 
 Make = Callable[..., History]
@@ -203,3 +203,81 @@ async def test_the_same_redis_read_asked_at_once_is_one_round_trip(redis_url: st
     await history.read_after("s", 1, 2)  # a read after those is a read of its own
     assert xranges() - before == 2
     await history.aclose()
+
+
+# -- RedisHistory's pipelined push connection ---------------------------------------------
+
+
+async def test_concurrent_appends_share_one_connection_and_each_gets_its_own_reply(
+    redis_url: str,
+) -> None:
+    """Pushes to many streams at once are written back to back on one connection; replies
+    come in order and each reaches its own caller, an error reply included."""
+    import redis
+
+    history = RedisHistory(redis_url, max_chunks=100, max_age_seconds=60)
+    try:
+        for stream_id in "abcd":
+            await history.open(stream_id)
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.delete("streaming:{c}:meta")
+            admin.set("streaming:{c}:meta", "not a hash")  # its append gets an error reply
+            before = admin.info("clients")["connected_clients"]
+            results = await asyncio.gather(
+                *(history.append(s, f'"{s}{i}"', take_failures=False)
+                  for i in range(50) for s in "abcd"),
+                return_exceptions=True,
+            )  # fmt: skip
+            assert admin.info("clients")["connected_clients"] - before <= 1
+        seqs: dict[str, list[int]] = {"a": [], "b": [], "d": []}
+        for index, result in enumerate(results):
+            stream_id = "abcd"[index % 4]
+            if stream_id == "c":
+                assert isinstance(result, redis.ResponseError), result
+            else:
+                assert isinstance(result, AppendResult) and result.seq is not None, result
+                seqs[stream_id].append(result.seq)
+        assert all(s == list(range(1, 51)) for s in seqs.values()), seqs
+        replay = await history.read_after("b", 0)
+        assert [c for _, c in replay.entries] == [f'"b{i}"' for i in range(50)]
+    finally:
+        await history.aclose()
+
+
+async def test_a_cancelled_append_leaves_the_next_replies_in_step(redis_url: str) -> None:
+    """A push cancelled while its reply is on the way (its caller stopped) ran all the same;
+    the reply is read and dropped, and the pushes after it get their own."""
+    history = RedisHistory(redis_url, max_chunks=100, max_age_seconds=60)
+    try:
+        await history.open("s")
+        await history.append("s", '"warm"', take_failures=False)  # connected
+        cancelled = asyncio.ensure_future(history.append("s", '"x"', take_failures=False))
+        await asyncio.sleep(0)  # written, waiting for its reply
+        cancelled.cancel()
+        assert (await history.append("s", '"y"', take_failures=False)).seq == 3
+        assert cancelled.cancelled()
+        assert [c for _, c in (await history.read_after("s", 1)).entries] == ['"x"', '"y"']
+    finally:
+        await history.aclose()
+
+
+async def test_appends_go_on_after_the_connection_is_killed_or_the_scripts_flushed(
+    redis_url: str,
+) -> None:
+    import redis
+
+    history = RedisHistory(redis_url, max_chunks=100, max_age_seconds=60)
+    try:
+        await history.open("s")
+        await history.append("s", '"1"', take_failures=False)
+        with redis.Redis.from_url(redis_url) as admin:
+            admin.script_flush()  # as after a restart: the next call gets NOSCRIPT, loads it
+            assert (await history.append("s", '"2"', take_failures=False)).seq == 2
+            killed = admin.client_kill_filter(_type="normal", skipme=True)
+            assert killed >= 1
+        reader = history._client().pipe._reader
+        if reader is not None:  # its reader sees the connection close, and ends
+            await asyncio.wait_for(reader, 10)
+        assert (await history.append("s", '"3"', take_failures=False)).seq == 3
+    finally:
+        await history.aclose()
