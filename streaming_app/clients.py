@@ -24,7 +24,6 @@ from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
 from .fanout import spawn, start_eagerly
 from .history import History
 from .layers import CHUNK as CHUNK_EVENT
-from .layers import WAKE as WAKE_EVENT
 from .layers import ChannelLayer, Inbox
 from .protocol import CloseCode, ServerFrame, chunk_frame, frame
 from .transcripts import build_snapshot
@@ -79,6 +78,9 @@ class Delivery:
     ) -> list[Chunk | Gap]:
         """Everything after the delivered seq up to ``up_to`` (default: the head) from history;
         with ``limit``, at most that many seqs of it (the rest is for the next call)."""
+        if up_to is not None and up_to <= self.delivered_seq:  # all sent: nothing to read
+            self.head_seq = max(self.head_seq, up_to)
+            return []
         end = up_to
         if limit is not None:
             end = (
@@ -163,15 +165,16 @@ class Follower:
     snapshots: ClassVar[bool] = True
     replay_chunks = False
     # Handed the stream's events by its hub (fanout.py) rather than reading them on a channel
-    # of its own; what the hub cannot write at once waits in the mailbox for the client's own
-    # task, which empties it after whatever it handles (``_busy`` meanwhile).
+    # of its own; what the hub cannot write at once waits in the mailbox, emptied by the
+    # client's own task after whatever it handles, or else by a task of its own (``wake``)
+    # (``_busy`` meanwhile).
     uses_hub: ClassVar[bool] = False
     hubbed = False  # its stream's hub hands it events (the layer allows it: StreamLayer.hubs)
     MAILBOX_EVENTS: ClassVar[int] = 1024
     _busy = False
     _mailbox: deque[dict[str, Any]] | None = None
-    _woken = False
-    _writing: asyncio.Task[None] | None = None  # a write the hub started that waits for the peer
+    # a write the hub started that waits for the peer, or the mailbox being emptied (wake)
+    _writing: asyncio.Task[None] | None = None
 
     # -- StreamClient (the seed's IStreamClient) -------------------------------------------
 
@@ -378,39 +381,33 @@ class Follower:
             logger.info("client %s of stream %s: busy for %d events; it reads them from history",
                         self.client_id, self.stream_id, self.MAILBOX_EVENTS)  # fmt: skip
         mailbox.append(event)
-        if not self._busy and not self._woken:
-            self._woken = True
-            await self.wake()
+        if not self._busy:
+            self.wake()
 
     def _written(self, writing: asyncio.Task[None]) -> None:
-        """A write the hub started that had to wait is done: the client is free again, and
-        what the hub left meanwhile is handled by its own task."""
+        """A write the hub started that had to wait (or a wake) is done: the client is free
+        again, and what the hub left meanwhile is handled next."""
         self._writing = None
         self._busy = False
         if not writing.cancelled() and writing.exception() is not None:
             spawn(self.crashed(writing.exception()))  # type: ignore[arg-type]
-        elif self._mailbox and not self._woken and not self.ended:
-            self._woken = True
-            spawn(self.wake())
+        elif self._mailbox and not self.ended:
+            self.wake()
 
     async def finish_writing(self) -> None:
         """Wait for a write the hub started (its own task must not write meanwhile)."""
         while self._writing is not None:
             await asyncio.wait([self._writing])
 
-    async def wake(self) -> None:
-        """Have the client's own task empty its mailbox (``stream.wake`` on its channel)."""
-        try:
-            assert self.worker is not None
-            await self.worker.manager.layer.layer.send(self.channel_name, {"type": WAKE_EVENT})
-        except Exception as exc:  # its next message (a sweeper's nudge at the latest) empties it
-            self._woken = False
-            logger.warning("client %s of stream %s: not woken for %d waiting event(s): %s: %s",
-                           self.client_id, self.stream_id, len(self._mailbox or ()),
-                           type(exc).__name__, exc)  # fmt: skip
-
-    async def stream_wake(self, event: dict[str, Any]) -> None:
-        self._woken = False  # the mailbox is emptied after this handler (empty_mailbox)
+    def wake(self) -> None:
+        """Have what waits in the mailbox handled, in order, in a task that holds the client
+        as a write the hub started does (its own task waits for it in ``finish_writing``; the
+        hub leaves later events in the mailbox meanwhile): no trip through the channel
+        layer."""
+        self._busy = True
+        emptying = asyncio.ensure_future(self.empty_mailbox())
+        self._writing = emptying
+        emptying.add_done_callback(self._written)
 
     async def empty_mailbox(self) -> None:
         """Handle what the hub left while this client's task was busy, in order."""

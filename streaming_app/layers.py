@@ -10,8 +10,6 @@ A stream is the group ``streaming.<stream_id>``. Events:
   channel: the manager removed it (``close``: a plain client's ``close()`` is called too)
 - ``stream.sync``         ``{"head_seq", "closed", "reason"}`` sent by the sweeper to a client
   that fell behind (its channel dropped messages): catch up to ``head_seq``, close if closed
-- ``stream.wake``         ``{}`` sent by a stream's hub to a WebSocket client of this process:
-  events wait in its mailbox (``fanout.py``)
 
 The group's members are the followers' own channels, except for WebSocket clients: their
 process joins the group once per stream, with a hub that hands each event to them.
@@ -38,7 +36,6 @@ CHUNK = "stream.chunk"
 CLOSED = "stream.closed"
 DEREGISTERED = "stream.deregistered"
 SYNC = "stream.sync"
-WAKE = "stream.wake"
 
 
 class ChannelLayer(Protocol):

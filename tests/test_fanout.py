@@ -132,3 +132,29 @@ async def test_a_client_busy_for_long_reads_what_it_was_offered_from_history(
     assert await peer.silent()
     assert any("reads them from history" in r.getMessage() for r in caplog.records)
     assert any("catch-up" in r.getMessage() for r in caplog.records)
+
+
+async def test_what_waits_in_a_mailbox_is_handled_without_a_trip_through_the_layer(
+    manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close (an event the hub does not write itself) and chunks that came meanwhile are
+    handled in order by a task of the client's own, not by a message to its channel."""
+    layer: Any = get_channel_layer()
+    sent_to: list[str] = []
+    original_send = layer.send
+
+    async def send(channel: str, message: dict[str, Any]) -> None:
+        if not channel.startswith("streaming.hub."):  # not the stream's events to its hub
+            sent_to.append(message["type"])
+        await original_send(channel, message)
+
+    monkeypatch.setattr(layer, "send", send)
+    stream_id = await manager.create_stream(session_key=session_key)
+    peer = await connect(stream_id)
+    await peer.frame()
+    await manager.push_chunks(stream_id, [delta(stream_id, str(i)) for i in range(1, 4)])
+    await manager.close_stream(stream_id, "done")
+    frames = [await peer.frame() for _ in range(4)]
+    assert [f.get("seq") for f in frames[:3]] == [1, 2, 3]
+    assert frames[3]["type"] == "closed" and frames[3]["reason"] == "done"
+    assert sent_to == []
