@@ -176,11 +176,12 @@ def pack(*args: bytes) -> bytes:
 
 
 class Pipelined:
-    """One connection of the pool kept for pushes, pipelined: each command is written as it
-    comes and one task reads the replies, in order, for their waiters. Concurrent pushes
-    share it without waiting for each other or for the pool, and a push costs the producer
-    the write, one wake-up and the reply (redis-py's command machinery, the pool's locks and
-    its metrics cost as much again, measured in ``streaming_bench``). The reader also
+    """One connection of the pool kept for the scripts (pushes, reads, closes), pipelined:
+    each command is written as it comes and one task reads the replies, in order, for their
+    waiters. Concurrent pushes share it without waiting for each other or for the pool, and
+    a push costs the producer the write, one wake-up and the reply (redis-py's command
+    machinery, the pool's locks and its metrics cost as much again, measured in
+    ``streaming_bench``). The reader also
     notices at once a connection the server closed (an idle timeout): the next command
     reconnects. ``scripts`` are loaded on each connect (Redis may have restarted)."""
 
@@ -321,7 +322,8 @@ class RedisHistory:
             )  # fmt: skip
             client = Redis.from_pool(pool)
             append, close, states, read = map(client.register_script, (APPEND, CLOSE, STATES, READ))
-            entry = _Client(client, append, close, states, read, Pipelined(pool, [APPEND]))
+            pipe = Pipelined(pool, [APPEND, CLOSE, STATES, READ])
+            entry = _Client(client, append, close, states, read, pipe)
             self._clients[loop] = entry
             self._close_with(loop)
         return entry
@@ -343,6 +345,20 @@ class RedisHistory:
     @property
     def _ttl(self) -> int:
         return max(1, int(self.max_age_seconds))
+
+    async def _evalsha(self, script: AsyncScript, keys: Sequence[str], *args: bytes) -> Any:
+        """Run one of the scripts on the pipelined connection (loaded again if Redis lost it
+        since that connection was made)."""
+        pipe = self._client().pipe
+        command = pack(b"EVALSHA", script.sha.encode(), b"%d" % len(keys),
+                       *(key.encode() for key in keys), *args)  # fmt: skip
+        try:
+            return await pipe.execute(command)
+        except NoScriptError:
+            source = script.script
+            text = source.encode() if isinstance(source, str) else bytes(source)
+            await pipe.execute(pack(b"SCRIPT", b"LOAD", text))
+            return await pipe.execute(command)
 
     async def open(self, stream_id: str) -> None:
         client = self._client().redis
@@ -367,19 +383,13 @@ class RedisHistory:
     ) -> AppendResult:  # fmt: skip
         """Append several chunks in one round trip (one script call); ``seq`` is the last."""
         client = self._client()
-        command = pack(
-            b"EVALSHA", client.append.sha.encode(), b"3",
-            *(key.encode() for key in _keys(stream_id)),
+        result: list[Any] = await self._evalsha(
+            client.append, _keys(stream_id),
             repr(time.time()).encode(), b"%d" % self.max_chunks, b"%d" % OPEN_TTL_SECONDS,
             b"1" if take_failures else b"0",
             publish_to.encode(), b"%d" % app_settings.INLINE_CHUNK_BYTES,
             *(chunk.encode() for chunk in chunk_jsons),
         )  # fmt: skip
-        try:
-            result: list[Any] = await client.pipe.execute(command)
-        except NoScriptError:  # the scripts were flushed since it connected: load it again
-            await client.pipe.execute(pack(b"SCRIPT", b"LOAD", APPEND.encode()))
-            result = await client.pipe.execute(command)
         status = int(result[0])
         if status == -1:
             raise StreamError(
@@ -422,17 +432,20 @@ class RedisHistory:
         meta, log, _ = _keys(stream_id)
         end = "+" if up_to is None else f"{up_to}-0"
         cutoff = time.time() - self.max_age_seconds
-        reply = await self._client().read(keys=[meta, log], args=[f"({after_seq}-0", end, cutoff])
+        start = f"({after_seq}-0".encode()
+        reply = await self._evalsha(
+            self._client().read, (meta, log), start, end.encode(), repr(cutoff).encode()
+        )
         head, flat = json.loads(reply)
         if not isinstance(flat, list):  # Lua's cjson writes an empty table as {}
             flat = []
         return Replay(entries=list(zip(flat[::2], flat[1::2], strict=True)), head_seq=int(head))
 
     async def close(self, stream_id: str, reason: str) -> Closed | None:
-        close = self._client().close
-        head, was_open, first_reason = await close(
-            keys=_keys(stream_id), args=[reason, time.time(), self._ttl]
-        )
+        head, was_open, first_reason = await self._evalsha(
+            self._client().close, _keys(stream_id),
+            reason.encode(), repr(time.time()).encode(), b"%d" % self._ttl,
+        )  # fmt: skip
         if int(head) == -1:
             return None
         return Closed(int(head), bool(int(was_open)), _text(first_reason))
@@ -445,7 +458,7 @@ class RedisHistory:
         for start in range(0, len(ids), STATES_BATCH):
             batch = ids[start : start + STATES_BATCH]
             keys = [key for stream_id in batch for key in _keys(stream_id)[:2]]
-            reply = json.loads(await script(keys=keys))
+            reply = json.loads(await self._evalsha(script, keys))
             for stream_id, row in zip(batch, reply, strict=True):
                 head, closed, reason, last_activity, closed_at, first_id, first_t = row
                 if not head:
