@@ -177,19 +177,22 @@ def pack(*args: bytes) -> bytes:
 
 class Pipelined:
     """One connection of the pool kept for the scripts (pushes, reads, closes), pipelined:
-    each command is written as it comes and one task reads the replies, in order, for their
-    waiters. Concurrent pushes share it without waiting for each other or for the pool, and
-    a push costs the producer the write, one wake-up and the reply (redis-py's command
-    machinery, the pool's locks and its metrics cost as much again, measured in
-    ``streaming_bench``). The reader also
-    notices at once a connection the server closed (an idle timeout): the next command
-    reconnects. ``scripts`` are loaded on each connect (Redis may have restarted)."""
+    the commands of one turn of the event loop go out in one write, and one task reads the
+    replies, in order, for their waiters. Concurrent pushes (or the catch-up reads of clients
+    connecting at once) share it without waiting for each other or for the pool, and a
+    socket write (a system call: tens of microseconds) serves all of them. A push costs the
+    producer its part of a write, one wake-up and the reply; redis-py's command machinery,
+    the pool's locks and its metrics cost as much again (measured in ``streaming_bench``).
+    The reader also notices at once a connection the server closed (an idle timeout): the
+    next command reconnects. ``scripts`` are loaded on each connect (Redis may have
+    restarted)."""
 
     def __init__(self, pool: BlockingConnectionPool, scripts: Sequence[str] = ()) -> None:
         self._pool = pool
         self._scripts = scripts
         self._connection: AbstractConnection | None = None
         self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._unsent: list[bytes] = []  # this turn's commands, written at its end
         self._reader: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
 
@@ -198,16 +201,25 @@ class Pipelined:
         connection = self._connection
         if connection is None or not connection.is_connected or self._reader is None:
             connection = await self._connect()
-        waiter = asyncio.get_running_loop().create_future()
-        # The write and the waiter's place in line go together, with no await between: the
-        # replies come in the order of the writes.
-        self._waiters.append(waiter)
         writer = connection._writer  # redis-py's asyncio StreamWriter for the socket
         assert writer is not None
-        writer.write(command)
         if writer.transport.get_write_buffer_size() > 2**20:
             await writer.drain()  # Redis is slower than the pushes: wait for the socket
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        # The command and its waiter's place in line go together, with no await between:
+        # the replies come in the order of the commands.
+        self._waiters.append(waiter)
+        self._unsent.append(command)
+        if len(self._unsent) == 1:
+            loop.call_soon(self._write, connection)
         return await waiter
+
+    def _write(self, connection: AbstractConnection) -> None:
+        unsent, self._unsent = self._unsent, []
+        writer = connection._writer
+        if unsent and writer is not None and connection is self._connection:
+            writer.writelines(unsent)
 
     async def _connect(self) -> AbstractConnection:
         async with self._connecting:
@@ -250,6 +262,7 @@ class Pipelined:
                 waiter = waiters.popleft()
                 if not waiter.done():
                     waiter.set_exception(error)
+            self._unsent.clear()  # their waiters just failed: never sent on a new connection
             await connection.disconnect(nowait=True)
             self._reader = None
             if isinstance(exc, asyncio.CancelledError):
