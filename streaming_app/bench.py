@@ -53,7 +53,7 @@ PRIMARY_LAYER = "pubsub"  # the default layer: scaling, connects and idle CPU ru
 SYSTEMS = ("raw", "raw-nohop", "streaming_app")
 BASELINE = "raw-nohop"
 SCALING_SYSTEMS = (BASELINE, "streaming_app")
-RAW_PATHS = {"raw": "raw", "raw-nohop": "rawnohop"}
+RAW_PATHS = {"raw": "raw", "raw-nohop": "rawnohop", "raw-batch": "rawbatch"}
 ACK_BYTES = 256 * 1024  # a quarter of the default window: when a client acks at the latest
 CONNECT_CONCURRENCY = 100  # handshakes in flight at once (below Daphne's backlog of 1024)
 
@@ -470,10 +470,11 @@ async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
         async for text in ws:
             now = time.time()
             frame = json.loads(text)
-            if raw:
-                if frame.get("end"):
-                    return
-                received.append((frame["seq"], frame["t"], now))
+            if raw:  # one chunk a frame, or a batch of them (bench_batch)
+                for item in frame if isinstance(frame, list) else [frame]:
+                    if item.get("end"):
+                        return
+                    received.append((item["seq"], item["t"], now))
             elif frame["type"] == "chunk":
                 received.append((frame["seq"], frame["chunk"]["metadata"]["t"], now))
                 await acker.read(frame["seq"], len(text))

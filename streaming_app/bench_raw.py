@@ -46,12 +46,32 @@ class RawNoHopConsumer(RawConsumer):
             await super().dispatch(message)
 
 
+class RawBatchConsumer(RawNoHopConsumer):
+    """The baseline writing every ``BATCH`` chunks as one frame (a JSON array of them; the
+    end marker flushes what is held): what a frame carrying a client's backlog would cost per
+    delivered chunk (``bench_batch``)."""
+
+    BATCH = 10
+    held: list[str]
+
+    async def connect(self) -> None:
+        self.held = []
+        await super().connect()
+
+    async def raw_chunk(self, event: dict[str, Any]) -> None:
+        self.held.append(event["text"])
+        if len(self.held) >= self.BATCH or '"end"' in event["text"]:
+            held, self.held = self.held, []
+            await self.send(text_data=f"[{','.join(held)}]")
+
+
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": URLRouter([
             path("raw/<str:stream_id>/", RawConsumer.as_asgi()),
             path("rawnohop/<str:stream_id>/", RawNoHopConsumer.as_asgi()),
+            path("rawbatch/<str:stream_id>/", RawBatchConsumer.as_asgi()),
         ]),
     }
 )  # fmt: skip

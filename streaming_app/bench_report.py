@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import bench_coalesce, bench_join, bench_slow
+from . import bench_batch, bench_coalesce, bench_join, bench_slow
 from .bench import BASELINE
 
 APP = "streaming_app"
@@ -162,6 +162,8 @@ def render(report: dict[str, Any]) -> list[str]:
         lines += bench_join.render(report["join"])
     if report.get("coalesce"):
         lines += bench_coalesce.render(report["coalesce"])
+    if report.get("frame_batch"):
+        lines += bench_batch.render(report["frame_batch"])
     lines += [
         "",
         f"Goals: streaming_app against {BASELINE} on the same layer (slow clients: "

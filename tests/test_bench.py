@@ -124,6 +124,16 @@ def test_quick_benchmark_reports_every_row_and_goal_and_streaming_app_loses_noth
     coalesce = report["coalesce"]  # the same reply without and with a text-delta window
     assert [r["window_ms"] for r in coalesce] == [0, 20, 100]
     assert all(r["text_ok"] for r in coalesce) and coalesce[0]["frames_per_client"] == 50
+    batches = report["frame_batch"]  # raw Channels: one chunk a frame, then ten a frame
+    assert [(r["system"], r["chunks_per_frame"]) for r in batches] == [
+        ("raw-nohop", 1),
+        ("raw-batch", 10),
+        ("raw-nohop", 1),
+        ("raw-batch", 10),
+    ]
+    for row in batches:  # every chunk reaches every client, batched or not
+        assert row["delivered"] == row["expected"] and row["lost"] == 0, row
+        assert (row["duplicated"], row["reordered"]) == (0, 0), row
     for goal in report["goals"]:
         assert isinstance(goal["met"], bool)
         assert goal["target"] in {">= 1.0", "<= 1.1", "<= 1.5", "<= 1.2", ">= 0.5", "<= 2.0"}

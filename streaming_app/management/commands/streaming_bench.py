@@ -21,7 +21,14 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
-from streaming_app import bench, bench_coalesce, bench_join, bench_report, bench_slow
+from streaming_app import (
+    bench,
+    bench_batch,
+    bench_coalesce,
+    bench_join,
+    bench_report,
+    bench_slow,
+)
 from streaming_app.bench_procs import Children
 from streaming_app.manager import get_streaming_manager
 
@@ -59,8 +66,9 @@ class Command(BaseCommand):
         parser.add_argument("--database-url", help="Default: a temporary SQLite file.")
         parser.add_argument("--layers", default="redis,pubsub", help="redis, pubsub or both.")
         parser.add_argument("--in-process-chunks", type=int, default=5000)
-        parser.add_argument("--only", choices=["coalesce"],
-                            help="Run only these rows (coalesce: text-delta windows).")  # fmt: skip
+        parser.add_argument("--only", choices=["coalesce", "batch"],
+                            help="Run only these rows (coalesce: text-delta windows; batch: "
+                                 "frame batches on raw Channels).")  # fmt: skip
         # The internal role of the producer processes the benchmark starts.
         parser.add_argument("--agent", help="(internal) serve producer requests for a system.")
 
@@ -75,11 +83,12 @@ class Command(BaseCommand):
         primary = bench.PRIMARY_LAYER if bench.PRIMARY_LAYER in layers else layers[0]
         plan = bench.plan(options["quick"])
         report: dict[str, Any] = {}
-        if options["only"] == "coalesce":
-            report["coalesce"] = self.coalesce(options, primary, plan.drain)
-            lines = [json.dumps(report, indent=2)] if options["json"] else (
-                bench_coalesce.render(report["coalesce"])[1:]
-            )  # fmt: skip
+        if options["only"]:
+            name, module = {"coalesce": ("coalesce", bench_coalesce),
+                            "batch": ("frame_batch", bench_batch)}[options["only"]]  # fmt: skip
+            report[name] = self.only(module, options, primary, plan.drain)
+            lines = ([json.dumps(report, indent=2)] if options["json"]
+                     else module.render(report[name])[1:])  # fmt: skip
             for line in lines:
                 self.stdout.write(line)
             return
@@ -105,6 +114,8 @@ class Command(BaseCommand):
             coalesce = asyncio.run(bench_coalesce.compare(deployment, primary, options["quick"],
                                                           plan.drain))  # fmt: skip
             report["coalesce"] = [r.to_dict() for r in coalesce]
+            batches = bench_batch.compare(deployment, primary, options["quick"], plan.drain)
+            report["frame_batch"] = asyncio.run(batches)
         order = {name: i for i, name in enumerate(bench.SYSTEMS)}
         results.end_to_end.sort(key=lambda r: (r.scenario, layers.index(r.layer),
                                                order[r.system]))  # fmt: skip
@@ -129,12 +140,13 @@ class Command(BaseCommand):
                     f"{ratio['p99_vs_raw_pubsub']:.2f}x the best raw consumer on pub/sub"
                 )
 
-    def coalesce(self, options: dict[str, Any], layer: str, drain: float
-                 ) -> list[dict[str, Any]]:  # fmt: skip
-        """Only the coalescing rows, on a deployment of their own (stopped whatever ends it)."""
+    def only(self, module: Any, options: dict[str, Any], layer: str, drain: float
+             ) -> list[dict[str, Any]]:  # fmt: skip
+        """Only the rows of ``module`` (bench_coalesce, bench_batch), on a deployment of their
+        own (stopped whatever ends it)."""
         with deployed(options) as deployment:
-            runs = asyncio.run(bench_coalesce.compare(deployment, layer, options["quick"], drain))
-        return [r.to_dict() for r in runs]
+            runs = asyncio.run(module.compare(deployment, layer, options["quick"], drain))
+        return [r if isinstance(r, dict) else r.to_dict() for r in runs]
 
     def ratios(self, results: list[bench.Result]) -> dict[str, dict[str, float]]:
         """streaming_app against the best raw consumer (with or without Channels' hop), per
