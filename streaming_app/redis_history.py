@@ -184,12 +184,10 @@ class Pipelined:
     producer its part of a write, one wake-up and the reply; redis-py's command machinery,
     the pool's locks and its metrics cost as much again (measured in ``streaming_bench``).
     The reader also notices at once a connection the server closed (an idle timeout): the
-    next command reconnects. ``scripts`` are loaded on each connect (Redis may have
-    restarted)."""
+    next command reconnects."""
 
-    def __init__(self, pool: BlockingConnectionPool, scripts: Sequence[str] = ()) -> None:
+    def __init__(self, pool: BlockingConnectionPool) -> None:
         self._pool = pool
-        self._scripts = scripts
         self._connection: AbstractConnection | None = None
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._unsent: list[bytes] = []  # this turn's commands, written at its end
@@ -228,9 +226,6 @@ class Pipelined:
                 if connection is None:
                     connection = self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
                 await connection.connect()
-                for script in self._scripts:  # before anything else is written
-                    await connection.send_command("SCRIPT", "LOAD", script)
-                    await connection.read_response()
                 self._reader = asyncio.ensure_future(self._read(connection))
             return connection
 
@@ -335,8 +330,7 @@ class RedisHistory:
             )  # fmt: skip
             client = Redis.from_pool(pool)
             append, close, states, read = map(client.register_script, (APPEND, CLOSE, STATES, READ))
-            pipe = Pipelined(pool, [APPEND, CLOSE, STATES, READ])
-            entry = _Client(client, append, close, states, read, pipe)
+            entry = _Client(client, append, close, states, read, Pipelined(pool))
             self._clients[loop] = entry
             self._close_with(loop)
         return entry
@@ -360,8 +354,10 @@ class RedisHistory:
         return max(1, int(self.max_age_seconds))
 
     async def _evalsha(self, script: AsyncScript, keys: Sequence[str], *args: bytes) -> Any:
-        """Run one of the scripts on the pipelined connection (loaded again if Redis lost it
-        since that connection was made)."""
+        """Run one of the scripts on the pipelined connection; one Redis does not know yet
+        (new, restarted, flushed) is loaded, then run again. Scripts are the server's, not a
+        connection's: each is loaded once, not on every connect (the sync facade connects
+        for each call)."""
         pipe = self._client().pipe
         command = pack(b"EVALSHA", script.sha.encode(), b"%d" % len(keys),
                        *(key.encode() for key in keys), *args)  # fmt: skip
