@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -44,12 +45,15 @@ def start_eagerly(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     """Run ``coro`` at once, up to the first time it waits: None when it finished without
     waiting (a write under Daphne, which queues it), else a task that finishes it, so that
     a client whose send waits for its peer (uvicorn, hypercorn) does not hold the hub up.
-    What Python 3.12 calls an eager task."""
+    What Python 3.12 calls an eager task. It runs in a context of its own from the start, as
+    a task would: what it sets there (asgiref's marker of a database call in flight, set
+    until the call returns) must not stay behind in the caller's."""
+    context = contextvars.copy_context()
     try:
-        waiting_on = coro.send(None)
+        waiting_on = context.run(coro.send, None)
     except StopIteration:
         return None
-    return asyncio.ensure_future(_finish(coro, waiting_on))
+    return asyncio.get_running_loop().create_task(_finish(coro, waiting_on), context=context)
 
 
 async def _finish(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:

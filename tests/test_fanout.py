@@ -158,3 +158,28 @@ async def test_what_waits_in_a_mailbox_is_handled_without_a_trip_through_the_lay
     assert [f.get("seq") for f in frames[:3]] == [1, 2, 3]
     assert frames[3]["type"] == "closed" and frames[3]["reason"] == "done"
     assert sent_to == []
+
+
+async def test_a_write_started_eagerly_leaves_the_callers_context_as_it_was() -> None:
+    """A hub write that waits on a database call (a client released as it ends) must not
+    leave asgiref's marker of that call in the hub's context: every client task the hub
+    starts later (a mailbox being emptied) inherits it, and its own database calls failed
+    with "Single thread executor already being used, would deadlock"."""
+    import contextvars
+
+    from asgiref.sync import sync_to_async
+
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="caller's")
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def release() -> None:
+        marker.set("the write's")
+        await sync_to_async(gate.get_loop().call_soon_threadsafe)(gate.set_result, None)
+        await gate
+        assert marker.get() == "the write's"
+
+    writing = start_eagerly(release())
+    assert writing is not None and not writing.done()
+    assert marker.get() == "caller's"
+    assert await sync_to_async(lambda: "called")() == "called"  # no "would deadlock"
+    await writing
