@@ -631,8 +631,7 @@ class StreamingManager:
                 seqs += await self._append_and_publish(
                     stream_id, chunks[start : start + step], raise_failures=raise_failures
                 )
-                if seqs[-1] - self._snapshot_seqs.get(stream_id, 0) >= step:
-                    await self._advance_snapshot(stream_id, seqs[-1])
+                await self._advance_snapshot(stream_id, seqs[-1])
             return seqs
         finally:
             metrics.PUSH_SECONDS.observe(time.perf_counter() - started)
@@ -649,10 +648,8 @@ class StreamingManager:
         # The fast path publishes inside the append; plain clients in this process need the
         # slow one, which registers their waiters between the two.
         publish_to = ""
-        if self._publish_prefix and not bridges:
-            proven = self._fast_path_proven  # decided once per process: no await once known
-            if proven.result() if proven is not None and proven.done() else await self._fast_path():
-                publish_to = self._publish_prefix + stream_id
+        if self._publish_prefix and not bridges and await self._fast_path():
+            publish_to = self._publish_prefix + stream_id
         result: AppendResult
         try:
             result = await self.history.append_many(

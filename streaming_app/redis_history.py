@@ -210,14 +210,16 @@ class Pipelined:
         self._waiters.append(waiter)
         self._unsent.append(command)
         if len(self._unsent) == 1:
-            loop.call_soon(self._write, connection)
+            loop.call_soon(self._write)
         return await waiter
 
-    def _write(self, connection: AbstractConnection) -> None:
+    def _write(self) -> None:
+        # What is unsent is the current connection's: a connection that dies takes its
+        # unsent commands (and their waiters) with it.
         unsent, self._unsent = self._unsent, []
-        writer = connection._writer
-        if unsent and writer is not None and connection is self._connection:
-            writer.writelines(unsent)
+        connection = self._connection
+        if unsent and connection is not None and connection._writer is not None:
+            connection._writer.writelines(unsent)
 
     async def _connect(self) -> AbstractConnection:
         async with self._connecting:
@@ -258,8 +260,13 @@ class Pipelined:
                 if not waiter.done():
                     waiter.set_exception(error)
             self._unsent.clear()  # their waiters just failed: never sent on a new connection
-            await connection.disconnect(nowait=True)
-            self._reader = None
+            # Let go of the connection before anything waits: a command from now on takes a
+            # fresh one (and a reader of its own), never this one while it closes.
+            self._reader = self._connection = None
+            try:
+                await connection.disconnect(nowait=True)
+            finally:
+                await self._pool.release(connection)
             if isinstance(exc, asyncio.CancelledError):
                 raise
 

@@ -279,5 +279,17 @@ async def test_appends_go_on_after_the_connection_is_killed_or_the_scripts_flush
         if reader is not None:  # its reader sees the connection close, and ends
             await asyncio.wait_for(reader, 10)
         assert (await history.append("s", '"3"', take_failures=False)).seq == 3
+        with redis.Redis.from_url(redis_url) as admin:  # now with pushes on their way
+            pushes = [asyncio.ensure_future(history.append("s", f'"{n}"', take_failures=False))
+                      for n in range(4, 9)]  # fmt: skip
+            await asyncio.sleep(0)
+            admin.client_kill_filter(_type="normal", skipme=True)
+            outcomes = await asyncio.gather(*pushes, return_exceptions=True)
+        ran = [o.seq for o in outcomes if isinstance(o, AppendResult) and o.seq is not None]
+        failed = [o for o in outcomes if not isinstance(o, AppendResult)]
+        assert all(isinstance(o, redis.ConnectionError) for o in failed), failed
+        head = (await history.read_after("s", 0)).head_seq  # replies still in step: each its own
+        assert ran == sorted(ran) and len(set(ran)) == len(ran) and all(q <= head for q in ran)
+        assert (await history.append("s", '"last"', take_failures=False)).seq == head + 1
     finally:
         await history.aclose()
