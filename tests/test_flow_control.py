@@ -12,7 +12,7 @@ from django.test import override_settings
 from streaming_app.manager import StreamingManager, get_streaming_manager
 from streaming_app.protocol import CloseCode
 
-from .conftest import Peer, delta
+from .conftest import Peer, delta, eventually
 from .test_sse import listen
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -96,6 +96,7 @@ async def test_a_client_that_does_not_ack_is_sent_off_and_resumes_exactly_once(
     assert await chunk_seqs(again, 3) == [4, 5, 6]
     # An ack is the sign of reading: a client that acks as it reads is never sent off.
     await again.send({"type": "ack", "seq": 6})
+    await eventually(lambda: follower_of(manager, stream_id).acked_seq == 6)  # it was read
     await push(manager, stream_id, 7, 9)
     assert await chunk_seqs(again, 3) == [7, 8, 9]
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis
 from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.test import override_settings
 
-from streaming_app.layers import StreamLayer, control_group_name, group_name
+from streaming_app.layers import Inbox, StreamLayer, control_group_name, group_name
 from streaming_app.manager import StreamingManager, get_streaming_manager
 
 from .conftest import RecordingClient, delta, eventually
@@ -99,3 +101,55 @@ async def test_a_fast_path_that_fails_its_self_test_falls_back_loudly(
         assert manager.stats["fast_path_failed"] == 1
         assert any("one-round-trip push disabled" in r.getMessage() for r in caplog.records)
         await manager.shutdown()
+
+
+# -- Inbox: every channel given back once, whoever stops reading it -----------------------
+
+
+def _subscriptions(redis_url: str, channel: str) -> int:
+    """How many subscriptions Redis holds for the inbox's channel."""
+    with redis.Redis.from_url(redis_url) as admin:
+        return sum(count for name, count in admin.pubsub_numsub(*admin.pubsub_channels())
+                   if name.decode().endswith(channel))  # fmt: skip
+
+
+async def test_an_inbox_reads_what_is_sent_to_it_and_closes_once(redis_url: str) -> None:
+    layer = RedisPubSubChannelLayer(hosts=[{"address": redis_url}])
+    inbox = Inbox(layer)
+    name = await inbox.open("test.inbox.")
+    assert _subscriptions(redis_url, name) == 1
+    await layer.send(name, {"type": "one"})
+    assert await inbox.get() == {"type": "one"}
+    await inbox.close()
+    await inbox.close()  # again: nothing more to give back
+    assert _subscriptions(redis_url, name) == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        await inbox.get()
+    await layer.flush()
+
+
+async def test_a_get_cancelled_while_it_waits_gives_the_channel_back(redis_url: str) -> None:
+    layer = RedisPubSubChannelLayer(hosts=[{"address": redis_url}])
+    inbox = Inbox(layer)
+    name = await inbox.open("test.inbox.")
+    getting = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0.05)
+    getting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await getting
+    await eventually(lambda: _subscriptions(redis_url, name) == 0)
+    await inbox.close()  # the cancelled receive released it: close subscribes nothing again
+    assert _subscriptions(redis_url, name) == 0
+    await layer.flush()
+
+
+async def test_closing_an_inbox_that_another_task_reads_ends_that_read(redis_url: str) -> None:
+    layer = RedisPubSubChannelLayer(hosts=[{"address": redis_url}])
+    inbox = Inbox(layer)
+    name = await inbox.open("test.inbox.")
+    getting = asyncio.create_task(inbox.get())
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(inbox.close(), 5)
+    assert getting.cancelled()
+    assert _subscriptions(redis_url, name) == 0
+    await layer.flush()
