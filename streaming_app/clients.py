@@ -435,6 +435,9 @@ class Follower:
             metrics.DELIVERIES.observe(self.transport, max(0.0, time.time() - float(pushed_at)))
 
     async def stream_closed(self, event: dict[str, Any]) -> None:
+        # Published once the stream's row was closed and its clients' rows went with it: no
+        # row of ours is left to delete as we leave.
+        self.registered = False
         if self.ended or self.delivery is None:
             return
         self.closing = (event.get("code", CloseCode.STREAM_CLOSED), event["reason"],

@@ -152,6 +152,12 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
         finally:
             self._busy = False
 
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        """Channels' own, without its database clean-up (a thread hop, for the reason given
+        in :meth:`dispatch`) and the ``groups`` it leaves (we have none)."""
+        await self.disconnect(message["code"])
+        raise StopConsumer()
+
     async def disconnect(self, code: int) -> None:
         self.ended = True  # the peer is gone: nothing more can be sent
         await self.release()

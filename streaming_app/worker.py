@@ -47,6 +47,7 @@ class Worker:
         self.bridges: dict[str, dict[str, ChannelBridge]] = {}
         self.joining: set[Key] = set()  # registrations under way: their rows may exist already
         self._nudge_positions: dict[Key, int] = {}
+        self._closed_at_last_sweep: set[str] = set()  # streams whose history was closed then
         self._saved_positions: dict[Key, Position] = {}
         self._fanout: Fanout | None = None
 
@@ -161,9 +162,16 @@ class Worker:
 
     async def nudge_stragglers(self) -> None:
         """Tell clients that are behind (and made no progress since the last sweep) or still
-        open on a closed stream to catch up: their channel may have dropped the events."""
+        open on a stream that was closed at the last sweep already to catch up: their channel
+        may have dropped the events. (A close is announced only after its row is written, so
+        a sweep between the two would otherwise nudge every client of a closing stream.)"""
         positions = {key: f.delivered_seq for key, f in self.followers.items() if not f.ended}
-        states = await self.manager.history.states({stream_id for stream_id, _ in positions})
+        stream_ids = {stream_id for stream_id, _ in positions}
+        states = await self.manager.history.states(stream_ids)
+        closed_before, self._closed_at_last_sweep = self._closed_at_last_sweep, {
+            stream_id for stream_id in stream_ids
+            if (state := states.get(stream_id)) is None or state.closed
+        }  # fmt: skip
         for key, position in positions.items():
             state = states.get(key[0])
             if state is None:  # history forgot the stream: nothing more can come; say so
@@ -174,7 +182,8 @@ class Worker:
                 continue
             # On a closed stream, a client that knows of the close and is still catching up
             # (at its own pace, with flow control) is left alone while it moves.
-            if not (stalled or (state.closed and follower.closing is None)):
+            missed_close = state.closed and key[0] in closed_before and follower.closing is None
+            if not (stalled or missed_close):
                 continue
             if not follower.paused:  # a paused one is behind on purpose (its timeout is checked)
                 logger.warning(
