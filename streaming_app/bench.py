@@ -10,8 +10,12 @@ same layer, in the same run, through the same Daphne setup.
   (streams x clients per stream at 10 chunks/s), WebSocket connects/s and the worker's CPU with
   idle clients connected.
 
+Raw Channels is sent the very frames streaming_app writes (the chunk's seed fields, the same
+``chunk`` frame, a ``closed`` frame as its end), built as a plain dict by its producer: both
+sides carry the same bytes to the same clients.
+
 A chunk counts as lost only once its stream has ended (the producer closed it, or for raw
-Channels sent its end marker) and then nothing has arrived for the drain timeout: never while
+Channels sent its ``closed`` frame) and then nothing has arrived for the drain timeout: never while
 the producer is starting or pushing, nor while a backlog is still draining.
 """
 
@@ -38,7 +42,7 @@ from typing import IO, Any
 from channels.layers import get_channel_layer
 
 from .bench_procs import Children, cpu_seconds
-from .chunks import TextDeltaChunk, encode_chunk
+from .chunks import TextDeltaChunk, encode_chunk, now_iso
 from .layers import CHUNK, group_name
 from .manager import StreamingManager
 
@@ -458,7 +462,7 @@ class Acker:
 async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
                   ready: asyncio.Event, gate: asyncio.Semaphore) -> None:  # fmt: skip
     """One client: every chunk it receives (seq, producer's stamp, receipt) until its stream
-    ends (``closed`` frame; raw Channels: the producer's end marker) or it is cancelled."""
+    ends (``closed`` frame; raw Channels: the producer's, as the last frame) or it is cancelled."""
     from websockets.exceptions import ConnectionClosed
 
     async with gate:
@@ -470,16 +474,14 @@ async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
         async for text in ws:
             now = time.time()
             frame = json.loads(text)
-            if raw:  # one chunk a frame, or a batch of them (bench_batch)
-                for item in frame if isinstance(frame, list) else [frame]:
-                    if item.get("end"):
-                        return
-                    received.append((item["seq"], item["t"], now))
-            elif frame["type"] == "chunk":
-                received.append((frame["seq"], frame["chunk"]["metadata"]["t"], now))
-                await acker.read(frame["seq"], len(text))
-            elif frame["type"] == "closed":
-                return
+            # The same frames from both; raw Channels may batch them (bench_batch).
+            for item in frame if isinstance(frame, list) else [frame]:
+                if item["type"] == "chunk":
+                    received.append((item["seq"], item["chunk"]["metadata"]["t"], now))
+                    if not raw:
+                        await acker.read(item["seq"], len(text))
+                elif item["type"] == "closed":
+                    return
     except ConnectionClosed:
         return
     finally:
@@ -710,7 +712,7 @@ async def create(system: str, count: int) -> list[str]:
 
 async def produce(spec: dict[str, Any]) -> dict[str, Any]:
     """Push ``chunks`` to every stream at ``rate`` per stream (0: as fast as possible), then
-    end each stream (close it; raw: an end marker); this process's CPU seconds meanwhile."""
+    end each stream (close it; raw: a ``closed`` frame); this process's CPU seconds meanwhile."""
     raw = spec["system"].startswith("raw")
     layer = get_channel_layer()
     assert layer is not None
@@ -730,18 +732,33 @@ async def produce(spec: dict[str, Any]) -> dict[str, Any]:
         next_at = start + interval * index / count
         await asyncio.sleep(max(0, next_at - time.perf_counter()))
         for seq in range(1, spec["chunks"] + 1):
-            if raw:
-                text = json.dumps({"seq": seq, "t": time.time(), "text": f"tok{seq} " + padding})
+            if raw:  # the same frame streaming_app writes, built as plainly as it can be
+                fields = {
+                    "type": "text_delta",
+                    "stream_id": stream_id,
+                    "gmi_instance_id": "",
+                    "persona_id": "",
+                    "is_final": False,
+                    "timestamp": now_iso(),
+                    "metadata": {"t": time.time()},
+                    "text_delta": f"tok{seq} " + padding,
+                }
+                text = json.dumps(
+                    {"type": "chunk", "seq": seq, "chunk": fields},
+                    separators=(",", ":"),
+                    ensure_ascii=False,
+                )
                 await layer.group_send("rawbench." + stream_id, {"type": "raw.chunk", "text": text})
             else:
-                chunk = TextDeltaChunk(stream_id=stream_id, text_delta=f"tok{seq} " + padding,
+                typed = TextDeltaChunk(stream_id=stream_id, text_delta=f"tok{seq} " + padding,
                                        metadata={"t": time.time()})  # fmt: skip
-                await manager.push_chunk(stream_id, chunk)
+                await manager.push_chunk(stream_id, typed)
             if interval:
                 next_at += interval
                 await asyncio.sleep(max(0, next_at - time.perf_counter()))
         if raw:
-            end = json.dumps({"end": True})
+            end = json.dumps({"type": "closed", "reason": "benchmark done",
+                              "last_seq": spec["chunks"]}, separators=(",", ":"))  # fmt: skip
             await layer.group_send("rawbench." + stream_id, {"type": "raw.chunk", "text": end})
         else:
             await manager.close_stream(stream_id, "benchmark done")
