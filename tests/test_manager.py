@@ -580,3 +580,21 @@ async def test_clients_of_a_worker_known_dead_do_not_hold_places() -> None:
     assert sorted(report.reaped_clients) == [(stream_id, "lost-1"), (stream_id, "lost-2")]
     assert not await StreamWorker.objects.filter(id="killed").aexists()
     await manager.shutdown()
+
+
+def test_the_row_a_subscription_reads_is_the_orms_model() -> None:
+    """``stream_row`` builds the model from its own compiled SELECT: every field as the ORM
+    reads it (the database's converters: dates, JSON), and nothing for an unknown id."""
+    from streaming_app.registry import stream_row
+
+    created = Stream.objects.create(
+        id="row-1", metadata={"a": [1, 2], "b": None}, closed_at=timezone.now(),
+        inactivity_timeout_ms=5000, close_reason="done", status=Stream.Status.CLOSED,
+    )  # fmt: skip
+    row, orm = stream_row(created.pk), Stream.objects.get(pk=created.pk)
+    assert row is not None and not row._state.adding
+    assert [getattr(row, f.attname) for f in Stream._meta.concrete_fields] == [
+        getattr(orm, f.attname) for f in Stream._meta.concrete_fields
+    ]
+    assert not row.is_active
+    assert stream_row("no-such-stream") is None
