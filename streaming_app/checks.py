@@ -253,8 +253,8 @@ def check_fast_path(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage
     return [Warning(
         f"The one-round-trip push could not prove itself ({problem}); pushes fall back to "
         "append, then group_send (slower, nothing lost).",
-        hint="Check that channels_redis's pub/sub layer and STREAMING_APP['REDIS_URL'] use "
-             "the same Redis, and the layer's message format.",
+        hint="Check that channels_redis's layer (pub/sub or core) and "
+             "STREAMING_APP['REDIS_URL'] use the same Redis, and the layer's message format.",
         id="streaming_app.W004",
     )]  # fmt: skip
 

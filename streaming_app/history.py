@@ -76,7 +76,8 @@ class History(Protocol):
 
         With ``take_failures``, pending send failures are removed and returned instead, and
         nothing is appended. ``publish_to`` (only when :meth:`publish_prefix` gave a prefix)
-        names the pub/sub channel to publish the ``stream.chunk`` event to, atomically.
+        names where to send the ``stream.chunk`` event, atomically (the layer's pub/sub
+        channel, or its core group: ``StreamLayer.group_target``).
         """
 
     async def append_many(

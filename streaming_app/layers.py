@@ -120,6 +120,46 @@ class StreamLayer:
         except (ImportError, AttributeError, IndexError, TypeError):
             return None
 
+    def core_group_target(self) -> tuple[str, str] | None:
+        """``(redis address, group target prefix)`` when the layer is channels_redis's core
+        ``RedisChannelLayer`` on one Redis, as it comes (plain msgpack after its 12-byte
+        prefix, one capacity for every channel, its own ``group_send``): then the history's
+        append script can do what its ``group_send`` does, in the same round trip (the target
+        names the layer's prefix, expiries, capacity and the group's key, ``+ stream_id``).
+        None for any other layer or setting, or if channels_redis changed."""
+        try:
+            from channels_redis.core import RedisChannelLayer
+
+            layer: Any = self.layer
+            if not isinstance(layer, RedisChannelLayer):
+                return None
+            serializer = layer._serializer
+            if (
+                type(layer).group_send is not RedisChannelLayer.group_send
+                or type(layer)._group_key is not RedisChannelLayer._group_key
+                or type(serializer).__name__ != "MsgPackSerializer"
+                or serializer.crypter is not None
+                or serializer.random_prefix_length != 12
+                or layer.channel_capacity
+                or len(layer.hosts) != 1
+                or "\n" in layer.prefix
+            ):
+                return None
+            address = layer.hosts[0].get("address")
+            if not isinstance(address, str):
+                return None
+            group_key = layer._group_key(GROUP_PREFIX).decode()
+            fields = (layer.prefix, int(layer.expiry), int(layer.group_expiry),
+                      int(layer.capacity), group_key)  # fmt: skip
+            return address, "core\n" + "\n".join(map(str, fields))
+        except (ImportError, AttributeError, IndexError, TypeError, ValueError):
+            return None
+
+    def group_target(self) -> tuple[str, str] | None:
+        """Where the history's append script can send a group's events itself: the pub/sub
+        layer's group channel, or the core layer's group (see the two methods above)."""
+        return self.pubsub_group_prefix() or self.core_group_target()
+
     async def publish_chunk(self, stream_id: str, seq: int, chunk_json: str) -> None:
         event: dict[str, Any] = {"type": CHUNK, "seq": seq, "at": time.time()}
         if len(chunk_json) <= app_settings.INLINE_CHUNK_BYTES:

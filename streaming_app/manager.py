@@ -130,9 +130,9 @@ class StreamingManager:
         self.coalescer.configure(app_settings.COALESCE_TEXT_MS)
         self._layer = StreamLayer(layer)
         self._history = build_history()
-        # One round trip per push when the history's Redis is the pub/sub layer's Redis; it
-        # proves itself before the first push (see _fast_path).
-        self._publish_prefix = self._history.publish_prefix(self._layer.pubsub_group_prefix())
+        # One round trip per push when the history's Redis is the layer's Redis (pub/sub or
+        # core); it proves itself before the first push (see _fast_path).
+        self._publish_prefix = self._history.publish_prefix(self._layer.group_target())
         self._fast_path_proven = None
         self._config = config
 

@@ -42,7 +42,8 @@ POOL_TIMEOUT_SECONDS = 20
 
 APPEND = """
 -- ARGV: 1 time, 2 max chunks, 3 ttl, 4 take failures, 5 publish to, 6 inline bytes, 7.. the
--- chunks
+-- chunks. Publish to: '' (nobody), a pub/sub channel, or 'core' and the group's place in
+-- channels_redis's core layer, one per line: prefix, expiry, group expiry, capacity, group key
 local meta, log, fail = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('EXISTS', meta) == 0 then return {-1} end
 if redis.call('HGET', meta, 'closed') == '1' then
@@ -57,6 +58,26 @@ if ARGV[4] == '1' then
     return out
   end
 end
+local core, keys, names = nil, {}, {}
+if string.sub(ARGV[5], 1, 5) == 'core\\n' then
+  -- the group's members as channels_redis's core group_send finds them (stale ones dropped),
+  -- by the sorted set each is read from: one per process for its own channels ('...!')
+  local prefix, expiry, group_expiry, capacity, group =
+    string.match(ARGV[5], '^core\\n([^\\n]*)\\n(%d+)\\n(%d+)\\n(%d+)\\n(.+)$')
+  core = {expiry = tonumber(expiry), capacity = tonumber(capacity), full = 0}
+  local now = math.floor(tonumber(ARGV[1]))
+  redis.call('ZREMRANGEBYSCORE', group, 0, now - tonumber(group_expiry))
+  for _, channel in ipairs(redis.call('ZRANGE', group, 0, -1)) do
+    local bang = string.find(channel, '!', 1, true)
+    local key = prefix .. (bang and string.sub(channel, 1, bang) or channel)
+    if names[key] == nil then
+      names[key] = {}
+      keys[#keys + 1] = key
+      redis.call('ZREMRANGEBYSCORE', key, 0, now - core.expiry)
+    end
+    table.insert(names[key], channel)
+  end
+end
 local seq = 0
 local refresh = false
 local inline = tonumber(ARGV[6])
@@ -65,12 +86,27 @@ for i = 7, #ARGV do
   redis.call('XADD', log, 'MAXLEN', ARGV[2], seq .. '-0', 't', ARGV[1], 'c', ARGV[i])
   if seq % 64 == 1 then refresh = true end
   if ARGV[5] ~= '' then
-    -- fan-out in the same round trip: the event as channels_redis's pub/sub layer sends it
-    -- (plus 'at', the push time, for the delivery latency metric); a chunk over the inline
-    -- size is announced by its seq only: its followers read it from the history
+    -- fan-out in the same round trip: the event as channels_redis sends it (plus 'at', the
+    -- push time, for the delivery latency metric); a chunk over the inline size is announced
+    -- by its seq only: its followers read it from the history
     local event = {type = 'stream.chunk', seq = seq, at = ARGV[1]}
     if #ARGV[i] <= inline then event['chunk'] = ARGV[i] end
-    redis.call('PUBLISH', ARGV[5], cmsgpack.pack(event))
+    if core then
+      -- as the core layer's group_send: a member naming its channels, after a 12-byte prefix
+      -- (the seq: the member is unique by its channels and seq), unless the set is full
+      local unique = string.sub(string.format('%020d', seq), -12)
+      for _, key in ipairs(keys) do
+        if redis.call('ZCOUNT', key, '-inf', '+inf') < core.capacity then
+          event['__asgi_channel__'] = names[key]
+          redis.call('ZADD', key, ARGV[1], unique .. cmsgpack.pack(event))
+          redis.call('EXPIRE', key, core.expiry)
+        else
+          core.full = core.full + 1
+        end
+      end
+    else
+      redis.call('PUBLISH', ARGV[5], cmsgpack.pack(event))
+    end
   end
 end
 redis.call('HSET', meta, 'last_activity', ARGV[1])
@@ -78,6 +114,7 @@ if refresh then  -- refreshing the keys' lifetime now and then is enough
   redis.call('EXPIRE', meta, ARGV[3])
   redis.call('EXPIRE', log, ARGV[3])
 end
+if core then return {seq, core.full} end
 return {seq}
 """
 
@@ -388,7 +425,8 @@ class RedisHistory:
     async def append(
         self, stream_id: str, chunk_json: str, *, take_failures: bool, publish_to: str = ""
     ) -> AppendResult:
-        """Append; when ``publish_to`` names a Redis pub/sub channel, publish the
+        """Append; when ``publish_to`` names a Redis pub/sub channel (or a group of
+        channels_redis's core layer, see ``StreamLayer.group_target``), send the
         ``stream.chunk`` event there in the same round trip."""
         return await self.append_many(stream_id, [chunk_json], take_failures=take_failures,
                                       publish_to=publish_to)  # fmt: skip
@@ -426,6 +464,9 @@ class RedisHistory:
             return AppendResult(
                 seq=None, failed_clients=dict(zip(pairs[::2], pairs[1::2], strict=True))
             )
+        if len(result) > 1 and int(result[1]):  # as channels_redis says it, where it would
+            logger.info("stream %s: %d channel(s) over capacity in its group at seq %d",
+                        stream_id, int(result[1]), status)  # fmt: skip
         return AppendResult(seq=status)
 
     async def read_after(self, stream_id: str, after_seq: int, up_to: int | None = None) -> Replay:

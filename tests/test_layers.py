@@ -103,6 +103,69 @@ async def test_a_fast_path_that_fails_its_self_test_falls_back_loudly(
         await manager.shutdown()
 
 
+def test_the_core_fast_path_is_recognised_only_where_it_is_safe() -> None:
+    address = "redis://127.0.0.1:6390/0"
+    plain = RedisChannelLayer(hosts=[address])
+    target = "core\nasgi\n60\n86400\n100\nasgi:group:streaming."
+    assert StreamLayer(plain).core_group_target() == (address, target)
+    assert StreamLayer(plain).group_target() == (address, target)
+    tuned = RedisChannelLayer(hosts=[address], prefix="site", expiry=30, capacity=500)
+    assert StreamLayer(tuned).core_group_target() == (
+        address,
+        "core\nsite\n30\n86400\n500\nsite:group:streaming.",
+    )
+    for layer in (
+        RedisChannelLayer(hosts=[address], symmetric_encryption_keys=["secret"]),
+        RedisChannelLayer(hosts=[address], channel_capacity={"streaming.*": 10}),
+        RedisChannelLayer(hosts=[address, "redis://127.0.0.1:6391/0"]),
+        RedisChannelLayer(hosts=[address], random_prefix_length=0),
+        RedisPubSubChannelLayer(hosts=[{"address": address}]),
+        InMemoryChannelLayer(),
+    ):
+        assert StreamLayer(layer).core_group_target() is None
+
+
+@pytest.fixture
+async def core_manager(redis_url: str) -> AsyncIterator[StreamingManager]:
+    layers = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                          "CONFIG": {"hosts": [redis_url], "capacity": 4}}}  # fmt: skip
+    streaming: dict[str, Any] = {
+        "HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
+        "REDIS_URL": redis_url,
+    }
+    with override_settings(CHANNEL_LAYERS=layers, STREAMING_APP=streaming):
+        manager = get_streaming_manager()
+        yield manager
+        await manager.shutdown()
+
+
+async def test_a_push_on_the_core_layer_sends_in_the_append_and_says_when_a_channel_is_full(
+    core_manager: StreamingManager, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = core_manager
+    assert manager._publish_prefix.startswith("core\n")
+    stream_id = await manager.create_stream()
+    # Clients in another process: their own channels, joined to the group, read directly;
+    # two of them share the process's sorted set, one message names both.
+    layer = manager.layer.layer
+    channels = [await layer.new_channel() for _ in range(2)]
+    for channel in channels:
+        await manager.layer.join(stream_id, channel)
+    seqs = [await manager.push_chunk(stream_id, delta(stream_id, str(i))) for i in range(3)]
+    assert manager.stats["fast_path_proven"] == 1  # it proved itself before the first push
+    for channel in channels:
+        events = [await layer.receive(channel) for _ in range(3)]
+        assert [e["seq"] for e in events] == seqs == [1, 2, 3]
+        assert [e["type"] for e in events] == ["stream.chunk"] * 3
+        assert '"text_delta":"2"' in events[2]["chunk"]
+    # The layer's capacity (4) holds: what does not fit is dropped as group_send drops it,
+    # with a log line (the clients repair the hole from history).
+    for i in range(6):
+        await manager.push_chunk(stream_id, delta(stream_id, f"more {i}"))
+    assert [(await layer.receive(channels[0]))["seq"] for _ in range(4)] == [4, 5, 6, 7]
+    assert any("over capacity" in r.getMessage() for r in caplog.records)
+
+
 # -- Inbox: every channel given back once, whoever stops reading it -----------------------
 
 
