@@ -158,11 +158,15 @@ async def test_a_push_on_the_core_layer_sends_in_the_append_and_says_when_a_chan
         assert [e["seq"] for e in events] == seqs == [1, 2, 3]
         assert [e["type"] for e in events] == ["stream.chunk"] * 3
         assert '"text_delta":"2"' in events[2]["chunk"]
+    # A batch shares one push time: its chunks still come out in seq order.
+    batch = await manager.push_chunks(stream_id, [delta(stream_id, f"b{i}") for i in range(3)])
+    for channel in channels:
+        assert [(await layer.receive(channel))["seq"] for _ in range(3)] == batch == [4, 5, 6]
     # The layer's capacity (4) holds: what does not fit is dropped as group_send drops it,
     # with a log line (the clients repair the hole from history).
     for i in range(6):
         await manager.push_chunk(stream_id, delta(stream_id, f"more {i}"))
-    assert [(await layer.receive(channels[0]))["seq"] for _ in range(4)] == [4, 5, 6, 7]
+    assert [(await layer.receive(channels[0]))["seq"] for _ in range(4)] == [7, 8, 9, 10]
     assert any("over capacity" in r.getMessage() for r in caplog.records)
 
 
