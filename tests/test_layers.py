@@ -41,10 +41,10 @@ def test_the_pubsub_fast_path_is_recognised_only_where_it_is_safe() -> None:
         assert StreamLayer(layer).pubsub_group_prefix() is None
 
 
-@pytest.fixture
-async def redis_manager(redis_url: str) -> AsyncIterator[StreamingManager]:
-    layers = {"default": {"BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-                          "CONFIG": {"hosts": [{"address": redis_url}]}}}  # fmt: skip
+async def _manager_on(redis_url: str, backend: str, config: dict[str, Any]
+                      ) -> AsyncIterator[StreamingManager]:  # fmt: skip
+    """A manager whose layer (``backend`` with ``config``) and history share ``redis_url``."""
+    layers = {"default": {"BACKEND": backend, "CONFIG": config}}
     streaming: dict[str, Any] = {
         "HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
         "REDIS_URL": redis_url,
@@ -53,6 +53,13 @@ async def redis_manager(redis_url: str) -> AsyncIterator[StreamingManager]:
         manager = get_streaming_manager()
         yield manager
         await manager.shutdown()
+
+
+@pytest.fixture
+async def redis_manager(redis_url: str) -> AsyncIterator[StreamingManager]:
+    async for manager in _manager_on(redis_url, "channels_redis.pubsub.RedisPubSubChannelLayer",
+                                     {"hosts": [{"address": redis_url}]}):  # fmt: skip
+        yield manager
 
 
 async def test_a_push_appends_and_publishes_in_one_round_trip(
@@ -127,16 +134,9 @@ def test_the_core_fast_path_is_recognised_only_where_it_is_safe() -> None:
 
 @pytest.fixture
 async def core_manager(redis_url: str) -> AsyncIterator[StreamingManager]:
-    layers = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
-                          "CONFIG": {"hosts": [redis_url], "capacity": 4}}}  # fmt: skip
-    streaming: dict[str, Any] = {
-        "HISTORY_BACKEND": "streaming_app.redis_history.RedisHistory",
-        "REDIS_URL": redis_url,
-    }
-    with override_settings(CHANNEL_LAYERS=layers, STREAMING_APP=streaming):
-        manager = get_streaming_manager()
+    async for manager in _manager_on(redis_url, "channels_redis.core.RedisChannelLayer",
+                                     {"hosts": [redis_url], "capacity": 4}):  # fmt: skip
         yield manager
-        await manager.shutdown()
 
 
 async def test_a_push_on_the_core_layer_sends_in_the_append_and_says_when_a_channel_is_full(
