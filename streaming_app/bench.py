@@ -453,10 +453,16 @@ class Acker:
         self.acked = self.unacked_bytes = 0
 
     async def read(self, seq: int, size: int) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         self.unacked_bytes += size
         if seq - self.acked >= 64 or self.unacked_bytes >= ACK_BYTES:
             self.acked, self.unacked_bytes = seq, 0
-            await self.ws.send(json.dumps({"type": "ack", "seq": seq}))
+            # The server may have written the rest and closed meanwhile: an ack that finds
+            # the socket closed is dropped, as a browser drops it, and reading goes on (what
+            # arrived before the close is still to be read).
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(json.dumps({"type": "ack", "seq": seq}))
 
 
 async def _follow(url: str, raw: bool, received: list[tuple[int, float, float]],
