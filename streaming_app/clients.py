@@ -376,8 +376,13 @@ class Follower:
         if mailbox is None:
             mailbox = self._mailbox = deque()
         elif len(mailbox) >= self.MAILBOX_EVENTS:  # a client whose task is held up for long:
-            # the chunks it was offered are in the history, which the newest one makes it read
-            mailbox = self._mailbox = deque(e for e in mailbox if e["type"] != CHUNK_EVENT)
+            # the chunks it was offered are in the history, which the newest one makes it read.
+            # Filtered in place: a task emptying the mailbox goes on with what is left (a new
+            # deque would leave it draining the old one, its other events handled twice, and
+            # the new one unwoken once that task is the client's own).
+            kept = [e for e in mailbox if e["type"] != CHUNK_EVENT]
+            mailbox.clear()
+            mailbox.extend(kept)
             logger.info("client %s of stream %s: busy for %d events; it reads them from history",
                         self.client_id, self.stream_id, self.MAILBOX_EVENTS)  # fmt: skip
         mailbox.append(event)

@@ -183,3 +183,39 @@ async def test_a_write_started_eagerly_leaves_the_callers_context_as_it_was() ->
     assert marker.get() == "caller's"
     assert await sync_to_async(lambda: "called")() == "called"  # no "would deadlock"
     await writing
+
+
+async def test_a_mailbox_that_overflows_while_the_clients_own_task_empties_it_is_emptied_whole(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mailbox is thinned in place: the task emptying it (here the client's own, busy in
+    a frame of its own) goes on with what is left, each event once, the close included."""
+    from streaming_app.clients import Follower
+
+    class Recorder(Follower):
+        transport = "test"
+        stream_id, client_id = "s", "c"
+        MAILBOX_EVENTS = 3
+
+        def __init__(self) -> None:
+            self.handled: list[str] = []
+            self.gate = asyncio.Event()
+
+        async def dispatch_event(self, event: dict[str, Any]) -> None:
+            self.handled.append(f"{event['type']}{event.get('seq', '')}")
+            if event["type"] == "stream.sync":
+                await self.gate.wait()  # held up while the hub goes on offering
+
+    client = Recorder()
+    client._busy = True  # its own task is handling something (as dispatch marks it)
+    await client.offer({"type": "stream.sync"})
+    emptying = asyncio.create_task(client.empty_mailbox())  # as dispatch does at its end
+    await asyncio.sleep(0)
+    for seq in range(1, 6):  # the fourth finds it full: the chunks in it go (history has them)
+        await client.offer({"type": "stream.chunk", "seq": seq, "chunk": "{}"})
+    await client.offer({"type": "stream.closed", "reason": "done", "last_seq": 5})
+    client.gate.set()
+    await emptying
+    assert client.handled == ["stream.sync", "stream.chunk4", "stream.chunk5", "stream.closed"]
+    assert not client._mailbox
+    assert any("reads them from history" in r.getMessage() for r in caplog.records)
