@@ -453,10 +453,10 @@ class Acker:
         self.acked = self.unacked_bytes = 0
 
     async def read(self, seq: int, size: int) -> None:
-        from websockets.exceptions import ConnectionClosed
-
         self.unacked_bytes += size
         if seq - self.acked >= 64 or self.unacked_bytes >= ACK_BYTES:
+            from websockets.exceptions import ConnectionClosed
+
             self.acked, self.unacked_bytes = seq, 0
             # The server may have written the rest and closed meanwhile: an ack that finds
             # the socket closed is dropped, as a browser drops it, and reading goes on (what

@@ -195,12 +195,18 @@ async def test_an_inbox_reads_what_is_sent_to_it_and_closes_once(redis_url: str)
     await layer.flush()
 
 
-async def test_a_get_cancelled_while_it_waits_gives_the_channel_back(redis_url: str) -> None:
+async def _read_in_a_task(redis_url: str) -> tuple[Any, Inbox, str, asyncio.Task[Any]]:
+    """An inbox on the pub/sub layer, and a task waiting in its ``get``."""
     layer = RedisPubSubChannelLayer(hosts=[{"address": redis_url}])
     inbox = Inbox(layer)
     name = await inbox.open("test.inbox.")
     getting = asyncio.create_task(inbox.get())
-    await asyncio.sleep(0.05)
+    await eventually(lambda: inbox._getter is getting)
+    return layer, inbox, name, getting
+
+
+async def test_a_get_cancelled_while_it_waits_gives_the_channel_back(redis_url: str) -> None:
+    layer, inbox, name, getting = await _read_in_a_task(redis_url)
     getting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await getting
@@ -211,11 +217,7 @@ async def test_a_get_cancelled_while_it_waits_gives_the_channel_back(redis_url: 
 
 
 async def test_closing_an_inbox_that_another_task_reads_ends_that_read(redis_url: str) -> None:
-    layer = RedisPubSubChannelLayer(hosts=[{"address": redis_url}])
-    inbox = Inbox(layer)
-    name = await inbox.open("test.inbox.")
-    getting = asyncio.create_task(inbox.get())
-    await asyncio.sleep(0.05)
+    layer, inbox, name, getting = await _read_in_a_task(redis_url)
     await asyncio.wait_for(inbox.close(), 5)
     assert getting.cancelled()
     assert _subscriptions(redis_url, name) == 0
