@@ -8,13 +8,15 @@ write lock (``"transaction_mode": "IMMEDIATE"``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Field, Model, Q
@@ -34,6 +36,8 @@ if TYPE_CHECKING:  # channels is untyped; its wrapper has asgiref's signature
     from asgiref.sync import sync_to_async as database_sync_to_async
 else:
     from channels.db import database_sync_to_async
+
+T = TypeVar("T")
 
 # Any fixed 64-bit number; names the advisory lock that serialises stream creation.
 _CREATE_LOCK_KEY = 0x5354524D
@@ -73,20 +77,49 @@ def _quoted(model: type[Model], name: str) -> str:
     return connection.ops.quote_name(_column(model, name))
 
 
+@dataclass(frozen=True)
+class _Insert:
+    """The conditional INSERT of a client row, built once per database vendor: its SQL
+    without and with the limit's condition, the fields its values fill (in order) and the
+    prepared values of those whose default is a constant."""
+
+    sql: str
+    limited: str
+    fields: list[Field[Any, Any]]
+    constants: dict[str, Any]
+
+
+_INSERT_CLIENT: dict[str, _Insert] = {}  # per database vendor
+
+
 def _insert_client(
     stream_id: str, new: NewClient, limit: float, alive_after: datetime
 ) -> tuple[str, list[Any]]:
     """The conditional INSERT of a client row: the stream is active, the client is not
     registered yet, and fewer than ``limit`` live clients are (when there is a limit)."""
-    now = timezone.now()
+    insert = _INSERT_CLIENT.get(connection.vendor) or _build_insert_client()
+    stamp = StreamClient._meta.get_field("connected_at").get_db_prep_save(
+        timezone.now(), connection
+    )
+    prepared = {**insert.constants, "connected_at": stamp, "last_seen_at": stamp}
     given = {"stream_id": stream_id, "client_id": new.client_id, "transport": new.transport,
              "channel_name": new.channel_name, "worker_id": new.worker_id,
-             "user_id": new.user_id, "connected_at": now, "last_seen_at": now}  # fmt: skip
+             "user_id": new.user_id}  # fmt: skip
+    params = [
+        prepared[f.attname] if f.attname in prepared
+        else f.get_db_prep_save(given[f.attname] if f.attname in given else f.get_default(),
+                                connection)
+        for f in insert.fields
+    ]  # fmt: skip
+    params += [stream_id, Stream.Status.ACTIVE.value, stream_id, new.client_id]
+    if math.isinf(limit):
+        return insert.sql, params
+    cutoff = connection.ops.adapt_datetimefield_value(alive_after)
+    return insert.limited, [*params, stream_id, cutoff, cutoff, int(limit)]
+
+
+def _build_insert_client() -> _Insert:
     fields = [f for f in StreamClient._meta.concrete_fields if not f.primary_key]
-    values = [
-        f.get_db_prep_save(given[f.attname] if f.attname in given else f.get_default(), connection)
-        for f in fields
-    ]
     clients, streams, workers = _table(StreamClient), _table(Stream), _table(StreamWorker)
     c_stream, c_client = _quoted(StreamClient, "stream"), _quoted(StreamClient, "client_id")
     c_worker, c_seen = _quoted(StreamClient, "worker_id"), _quoted(StreamClient, "last_seen_at")
@@ -98,16 +131,15 @@ def _insert_client(
         f"WHERE EXISTS (SELECT 1 FROM {streams} WHERE {s_id} = %s AND {s_status} = %s) "
         f"AND NOT EXISTS (SELECT 1 FROM {clients} WHERE {c_stream} = %s AND {c_client} = %s)"
     )
-    params = [*values, stream_id, Stream.Status.ACTIVE.value, stream_id, new.client_id]
-    if not math.isinf(limit):
-        cutoff = connection.ops.adapt_datetimefield_value(alive_after)
-        sql += (
-            f" AND (SELECT COUNT(*) FROM {clients} WHERE {c_stream} = %s AND ("
-            f"{c_worker} IN (SELECT {w_id} FROM {workers} WHERE {w_seen} >= %s) OR ("
-            f"{c_worker} NOT IN (SELECT {w_id} FROM {workers}) AND {c_seen} >= %s))) < %s"
-        )
-        params += [stream_id, cutoff, cutoff, int(limit)]
-    return sql, params
+    limited = sql + (
+        f" AND (SELECT COUNT(*) FROM {clients} WHERE {c_stream} = %s AND ("
+        f"{c_worker} IN (SELECT {w_id} FROM {workers} WHERE {w_seen} >= %s) OR ("
+        f"{c_worker} NOT IN (SELECT {w_id} FROM {workers}) AND {c_seen} >= %s))) < %s"
+    )
+    constants = {f.attname: f.get_db_prep_save(f.get_default(), connection) for f in fields
+                 if f.has_default() and not callable(f.default)}  # fmt: skip
+    insert = _INSERT_CLIENT[connection.vendor] = _Insert(sql, limited, fields, constants)
+    return insert
 
 
 @dataclass(frozen=True)
@@ -181,7 +213,7 @@ def _refusal(stream_id: str, client_id: str, limit: float, alive_after: datetime
     )  # fmt: skip
 
 
-__all__ = ["Registry", "StreamLimits", "database_sync_to_async"]
+__all__ = ["Gathered", "Registry", "StreamLimits", "database_sync_to_async", "gathered"]
 
 
 @dataclass(frozen=True)
@@ -288,6 +320,124 @@ def _lock_for_create() -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_CREATE_LOCK_KEY])
 
 
+@dataclass
+class _Call:
+    run: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+def _run_each(runs: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+    """Run each call in turn (in the database's thread): its result, or the exception it
+    raised, without stopping the others."""
+    outcomes: list[tuple[bool, Any]] = []
+    for run in runs:
+        try:
+            outcomes.append((True, run()))
+        except Exception as exc:
+            outcomes.append((False, exc))
+    return outcomes
+
+
+class Gathered:
+    """Database calls that come together share one trip to the database's thread.
+
+    Each socket that connects or leaves makes one short database call (register, remove),
+    and the thread hop costs more than its statements. The calls made while a trip is under
+    way wait for it to end, then all go in the next one, each run on its own (its own result
+    or exception, in the order made). A call alone goes at once, as before; in a connect
+    storm (every browser coming back after a deploy) the hops are shared. A call whose caller
+    was cancelled before its trip started is not run. ``trips`` and ``calls`` count them.
+    """
+
+    def __init__(self) -> None:
+        self.trips = self.calls = 0
+        self._waiting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Call]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._trips: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def __call__(self, run: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._waiting.setdefault(loop, []).append(_Call(run, future))
+        if loop not in self._trips:
+            self._trips[loop] = loop.create_task(self._travel(loop))
+        return await future
+
+    async def _travel(self, loop: asyncio.AbstractEventLoop) -> None:
+        calls: list[_Call] = []
+        try:
+            while calls := [c for c in self._waiting.pop(loop, []) if not c.future.done()]:
+                self.trips, self.calls = self.trips + 1, self.calls + len(calls)
+                outcomes = await database_sync_to_async(_run_each)([c.run for c in calls])
+                for call, (ok, value) in zip(calls, outcomes, strict=True):
+                    if call.future.done():  # its caller was cancelled meanwhile
+                        continue
+                    if ok:
+                        call.future.set_result(value)
+                    else:
+                        call.future.set_exception(value)
+        except BaseException as exc:  # the trip itself failed or was cancelled
+            for call in [*calls, *self._waiting.pop(loop, [])]:
+                if call.future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    call.future.cancel()
+                else:
+                    call.future.set_exception(exc)
+            raise
+        finally:
+            self._trips.pop(loop, None)
+
+
+gathered = Gathered()  # the calls of connect storms: users, registrations and removals of clients
+
+
+def _add_client(
+    stream_id: str, new: NewClient, limit: float, alive_after: datetime,
+    authorize: Callable[[str], Stream] | None,
+) -> None:  # fmt: skip
+    """:meth:`Registry.add_client`'s database work (synchronous)."""
+    if authorize is not None:
+        stream = authorize(stream_id)
+        if not stream.is_active:
+            raise _closed(stream, new.client_id)
+    locks = connection.features.has_select_for_update
+    with transaction.atomic() if locks else contextlib.nullcontext():
+        with connection.cursor() as cursor:
+            if locks:
+                cursor.execute(_LOCK_STREAM_SQL(), [stream_id])
+            try:
+                cursor.execute(*_insert_client(stream_id, new, limit, alive_after))
+            except IntegrityError:  # pragma: no cover - the row lock makes this unreachable
+                raise _already_registered(stream_id, new.client_id) from None
+            if cursor.rowcount == 1:
+                return
+        _refusal(stream_id, new.client_id, limit, alive_after)
+
+
+def _remove_client(stream_id: str, client_id: str) -> ClientRef | None:
+    """:meth:`Registry.remove_client`'s database work (synchronous)."""
+    table, pk = _table(StreamClient), _quoted(StreamClient, "id")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {pk}, {_quoted(StreamClient, 'channel_name')}, "
+            f"{_quoted(StreamClient, 'worker_id')} FROM {table} "
+            f"WHERE {_quoted(StreamClient, 'stream')} = %s "
+            f"AND {_quoted(StreamClient, 'client_id')} = %s",
+            [stream_id, client_id],
+        )
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        cursor.execute(f"DELETE FROM {table} WHERE {pk} = %s", [row[0]])
+        if cursor.rowcount != 1:  # another worker removed it meanwhile
+            return None
+    return ClientRef(stream_id, client_id, row[1], row[2])
+
+
 class Registry:
     """The database side of the manager: no method is called per chunk."""
 
@@ -343,8 +493,7 @@ class Registry:
         except Stream.DoesNotExist:
             raise _not_found(stream_id) from None
 
-    @database_sync_to_async
-    def add_client(
+    async def add_client(
         self, stream_id: str, new: NewClient, *, limit: float, alive_after: datetime,
         authorize: Callable[[str], Stream] | None = None,
     ) -> None:  # fmt: skip
@@ -354,45 +503,16 @@ class Registry:
         One conditional INSERT does it (every condition in its WHERE); on PostgreSQL it runs
         after a lock on the stream's row, so that concurrent registrations count each other.
         Only a refused registration reads more, to say why. ``authorize`` (the stream's id ->
-        its row, or it raises) runs first, in the same call.
+        its row, or it raises) runs first, in the same call. Registrations made together share
+        a trip to the database's thread (:class:`Gathered`).
         """
-        if authorize is not None:
-            stream = authorize(stream_id)
-            if not stream.is_active:
-                raise _closed(stream, new.client_id)
-        locks = connection.features.has_select_for_update
-        with transaction.atomic() if locks else contextlib.nullcontext():
-            with connection.cursor() as cursor:
-                if locks:
-                    cursor.execute(_LOCK_STREAM_SQL(), [stream_id])
-                try:
-                    cursor.execute(*_insert_client(stream_id, new, limit, alive_after))
-                except IntegrityError:  # pragma: no cover - the row lock makes this unreachable
-                    raise _already_registered(stream_id, new.client_id) from None
-                if cursor.rowcount == 1:
-                    return
-            _refusal(stream_id, new.client_id, limit, alive_after)
+        await gathered(lambda: _add_client(stream_id, new, limit, alive_after, authorize))
 
-    @database_sync_to_async
-    def remove_client(self, stream_id: str, client_id: str) -> ClientRef | None:
+    async def remove_client(self, stream_id: str, client_id: str) -> ClientRef | None:
         """Delete a client row; what it was, or None when there was none. Two plain statements
-        (every socket that leaves runs this): the ORM's delete collects related rows first."""
-        table, pk = _table(StreamClient), _quoted(StreamClient, "id")
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT {pk}, {_quoted(StreamClient, 'channel_name')}, "
-                f"{_quoted(StreamClient, 'worker_id')} FROM {table} "
-                f"WHERE {_quoted(StreamClient, 'stream')} = %s "
-                f"AND {_quoted(StreamClient, 'client_id')} = %s",
-                [stream_id, client_id],
-            )
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            cursor.execute(f"DELETE FROM {table} WHERE {pk} = %s", [row[0]])
-            if cursor.rowcount != 1:  # another worker removed it meanwhile
-                return None
-        return ClientRef(stream_id, client_id, row[1], row[2])
+        (every socket that leaves runs this): the ORM's delete collects related rows first.
+        Removals made together share a trip to the database's thread (:class:`Gathered`)."""
+        return await gathered(lambda: _remove_client(stream_id, client_id))
 
     @database_sync_to_async
     def stream_exists(self, stream_id: str) -> bool:
