@@ -109,9 +109,12 @@ class StreamClient(models.Model):
         AI_SDK = "ai-sdk", _("AI SDK UI message stream")
         PYTHON = "python", _("Python object")
 
+    # No index of its own: the unique (stream, client_id) constraint's index serves lookups by
+    # stream, and every registration and removal would update a second one.
     stream = models.ForeignKey(
-        Stream, verbose_name=_("stream"), on_delete=models.CASCADE, related_name="clients"
-    )
+        Stream, verbose_name=_("stream"), on_delete=models.CASCADE, related_name="clients",
+        db_index=False,
+    )  # fmt: skip
     client_id = models.CharField(_("client id"), max_length=128)
     transport = models.CharField(
         _("transport"), max_length=16, choices=Transport.choices, default=Transport.PYTHON
