@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from .conf import app_settings
 from .models import Stream
 from .protocol import CloseCode
-from .registry import database_sync_to_async
+from .registry import database_sync_to_async, gathered
 
 if TYPE_CHECKING:
     from .manager import StreamingManager
@@ -129,6 +129,22 @@ class Deliveries(Collector):
         yield latency
 
 
+class DatabaseTrips(Collector):
+    """``streaming_database_trips`` and ``streaming_database_trip_calls``: the trips to the
+    database's thread that client registrations, removals and the auth stack's user lookups
+    took, and the calls they carried (:class:`~streaming_app.registry.Gathered`); calls per
+    trip is how many of them shared a thread hop."""
+
+    def collect(self) -> Iterator[Any]:
+        for name, text, count in (
+            ("trips", "Trips to the database thread of gathered calls", gathered.trips),
+            ("trip_calls", "Calls those trips carried (clients, users)", gathered.calls),
+        ):
+            family = CounterMetricFamily(f"streaming_database_{name}", text)
+            family.add_metric([], count)
+            yield family
+
+
 def _bound(value: float) -> str:
     return repr(float(value))
 
@@ -155,6 +171,7 @@ DELIVERIES = Deliveries(TRANSPORTS)
 REGISTRY.register(DELIVERIES)
 PUSH_SECONDS = PushSeconds()
 REGISTRY.register(PUSH_SECONDS)
+REGISTRY.register(DatabaseTrips())
 for _transport in TRANSPORTS:
     TOO_FAR_BEHIND.labels(_transport)
     SNAPSHOTS.labels(_transport)

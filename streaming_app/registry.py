@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from asgiref.sync import AsyncToSync, SyncToAsync
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Field, Model, Q
 from django.db.models.functions import Coalesce
@@ -347,6 +348,10 @@ class Gathered:
     or exception, in the order made). A call alone goes at once, as before; in a connect
     storm (every browser coming back after a deploy) the hops are shared. A call whose caller
     was cancelled before its trip started is not run. ``trips`` and ``calls`` count them.
+
+    A call whose database work belongs to a thread of its own goes alone, as
+    ``database_sync_to_async`` sends it: under ``async_to_sync`` (the calling thread) or in a
+    ``ThreadSensitiveContext`` (Django's per-request thread).
     """
 
     def __init__(self) -> None:
@@ -359,6 +364,11 @@ class Gathered:
         )
 
     async def __call__(self, run: Callable[[], T]) -> T:
+        if getattr(AsyncToSync.executors, "current", None) or (
+            SyncToAsync.thread_sensitive_context.get(None)
+        ):
+            self.trips, self.calls = self.trips + 1, self.calls + 1
+            return await database_sync_to_async(run)()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._waiting.setdefault(loop, []).append(_Call(run, future))

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from asgiref.sync import ThreadSensitiveContext
 
 from streaming_app import registry
 from streaming_app.manager import StreamingManager
@@ -98,3 +99,17 @@ async def test_registrations_made_together_share_trips() -> None:
     await asyncio.gather(*(manager.deregister_client(stream_id, c.id) for c in clients))
     assert await manager.get_client_count_for_stream(stream_id) == 0
     await manager.shutdown()
+
+
+async def test_calls_in_thread_sensitive_contexts_keep_their_own_threads() -> None:
+    """Django runs each request's database work in a thread of its own: such calls are not
+    gathered with another context's."""
+    gathered = Gathered()
+
+    async def in_a_context() -> list[int]:
+        async with ThreadSensitiveContext():
+            return list(await asyncio.gather(*(gathered(threading.get_ident) for _ in range(3))))
+
+    first, second = await asyncio.gather(in_a_context(), in_a_context())
+    assert len(set(first)) == 1 and len(set(second)) == 1
+    assert first[0] != second[0]
