@@ -310,7 +310,7 @@ class StreamingManager:
                 await follower.open()
             cutoff = timezone.now() - timedelta(seconds=app_settings.CLIENT_TIMEOUT_SECONDS)
             new = NewClient(client.id, follower.transport, follower.channel_name, self.worker_id,
-                            follower.user_id)  # fmt: skip
+                            follower.user_id, follower.position)  # fmt: skip
             try:
                 await self.registry.add_client(
                     stream_id,
@@ -325,7 +325,7 @@ class StreamingManager:
                 if isinstance(exc, GMIError) or not is_backend_error(exc):
                     raise
                 raise self._backend_error(stream_id, "database", exc) from exc
-            self.worker.hold(follower)
+            self.worker.hold(follower, saved=new.position)
             try:
                 if follower.uses_hub and self.layer.hubs:
                     await self.worker.fanout.join(follower)

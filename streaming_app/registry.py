@@ -103,9 +103,11 @@ def _insert_client(
         timezone.now(), connection
     )
     prepared = {**insert.constants, "connected_at": stamp, "last_seen_at": stamp}
+    written, acked, paused = new.position
     given = {"stream_id": stream_id, "client_id": new.client_id, "transport": new.transport,
              "channel_name": new.channel_name, "worker_id": new.worker_id,
-             "user_id": new.user_id}  # fmt: skip
+             "user_id": new.user_id, "delivered_seq": written, "acked_seq": acked,
+             "paused": paused}  # fmt: skip
     params = [
         prepared[f.attname] if f.attname in prepared
         else f.get_db_prep_save(given[f.attname] if f.attname in given else f.get_default(),
@@ -138,7 +140,8 @@ def _build_insert_client() -> _Insert:
         f"{c_worker} NOT IN (SELECT {w_id} FROM {workers}) AND {c_seen} >= %s))) < %s"
     )
     constants = {f.attname: f.get_db_prep_save(f.get_default(), connection) for f in fields
-                 if f.has_default() and not callable(f.default)}  # fmt: skip
+                 if f.has_default() and not callable(f.default)
+                 and f.attname not in _POSITION_FIELDS}  # fmt: skip
     insert = _INSERT_CLIENT[connection.vendor] = _Insert(sql, limited, fields, constants)
     return insert
 
@@ -235,6 +238,7 @@ class NewClient:
     channel_name: str
     worker_id: str
     user_id: int | None
+    position: Position = (0, None, False)  # as the row starts: the heartbeat has nothing to write
 
 
 @dataclass(frozen=True)

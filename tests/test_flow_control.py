@@ -10,6 +10,7 @@ import pytest
 from django.test import override_settings
 
 from streaming_app.manager import StreamingManager, get_streaming_manager
+from streaming_app.models import StreamClient
 from streaming_app.protocol import CloseCode
 
 from .conftest import Peer, delta, eventually
@@ -186,3 +187,21 @@ async def test_a_client_that_acks_reads_a_closed_stream_to_its_end(
     frames, code = await peer.frames_until_close()
     assert frames == [{"type": "closed", "reason": "done", "last_seq": 7}]
     assert code == CloseCode.STREAM_GONE
+
+
+async def test_a_client_row_starts_with_its_position_so_the_next_heartbeat_writes_none(
+    connect: Any, session_key: str
+) -> None:
+    """A client that resumes at seq 3 and acks: its row says so from its registration, and
+    the worker's next heartbeat has no position to write (a connect storm is not followed by
+    an UPDATE of every new row)."""
+    manager = get_streaming_manager()
+    stream_id = await manager.create_stream(session_key=session_key)
+    await push(manager, stream_id, 1, 3)
+    peer = await connect(stream_id, query="ack=1&last_seq=3")
+    assert (await peer.frame())["type"] == "subscribed"
+    follower = follower_of(manager, stream_id)
+    row = await StreamClient.objects.aget(client_id=follower.client_id)
+    assert (row.delivered_seq, row.acked_seq, row.paused) == (3, 3, False) == follower.position
+    saved = manager.worker._saved_positions
+    assert saved[(stream_id, follower.client_id)] == follower.position  # nothing moved
