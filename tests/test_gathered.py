@@ -113,3 +113,12 @@ async def test_calls_in_thread_sensitive_contexts_keep_their_own_threads() -> No
     first, second = await asyncio.gather(in_a_context(), in_a_context())
     assert len(set(first)) == 1 and len(set(second)) == 1
     assert first[0] != second[0]
+
+
+async def test_on_postgresql_the_row_lock_and_the_insert_go_as_one_message() -> None:
+    """One round trip instead of four (``BEGIN``, lock, INSERT, ``COMMIT``); that the limit
+    still holds between processes is ``test_scale_out``'s race, run on both databases."""
+    from django.db import connection
+
+    one = await registry.database_sync_to_async(registry._one_message)()
+    assert one is (connection.vendor == "postgresql")
