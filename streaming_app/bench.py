@@ -192,7 +192,8 @@ async def in_process(manager: StreamingManager, chunks: int, members: int) -> di
     async def drain(channel: str, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await asyncio.wait_for(layer.receive(channel), 0.2)
+                async with asyncio.timeout(0.2):
+                    await layer.receive(channel)
             except TimeoutError:
                 continue
 
@@ -389,7 +390,10 @@ class Worker:
         except BrokenPipeError:
             line = b""
         else:
-            line = await asyncio.wait_for(self.replies.readline(), within)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns a result that
+            # came with a cancel (Ctrl-C's), and the benchmark would go on.
+            async with asyncio.timeout(within):
+                line = await self.replies.readline()
         if not line:
             log = (self.deployment.tmp / f"producer-{self.tag}.log").read_text(errors="replace")
             raise RuntimeError(f"the producer exited: {log[-2000:]}")
@@ -638,7 +642,8 @@ async def connects_and_idle(worker: Worker, clients: int, streams: int, window: 
         await asyncio.sleep(window)
         cpu = worker.cpu() - cpu
         release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        async with asyncio.timeout(120):
+            await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()

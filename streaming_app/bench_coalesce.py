@@ -111,7 +111,8 @@ async def run(deployment: Deployment, layer: str, window_ms: float, clients: int
                     "coalesce_ms": window_ms}  # fmt: skip
             produced = await worker.request(spec, within=60 + 3 * tokens / rate)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*tasks), drain)
+                async with asyncio.timeout(drain):
+                    await asyncio.gather(*tasks)
             cpu = worker.cpu() - cpu
         finally:
             for task in tasks:

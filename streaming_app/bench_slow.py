@@ -73,7 +73,8 @@ async def run(deployment: Deployment, layer: str, slow: int, chunks: int, rate: 
         fast = asyncio.create_task(_follow(url, False, got, ready, asyncio.Semaphore(1)))
         stalled = [await _stalled(url) for _ in range(slow)]
         try:
-            await asyncio.wait_for(ready.wait(), 60)
+            async with asyncio.timeout(60):
+                await ready.wait()
             await worker.quiet()
             before = peak = rss(worker.daphne.pid)
             spec = {"op": "produce", "ids": [stream_id], "chunks": chunks, "rate": rate,
@@ -84,7 +85,8 @@ async def run(deployment: Deployment, layer: str, slow: int, chunks: int, rate: 
                 await asyncio.sleep(0.05)
             await producing
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(fast), drain)
+                async with asyncio.timeout(drain):
+                    await asyncio.shield(fast)
             peak = max(peak, rss(worker.daphne.pid))
         finally:
             fast.cancel()
