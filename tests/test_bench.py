@@ -40,11 +40,19 @@ def session_processes(session: int) -> list[str]:
     return found
 
 
+def _interruptible() -> None:
+    """Ctrl-C at its default in the child, as in a terminal: a suite started in the background
+    (``.ci/run &`` from a script) ignores SIGINT, and a child inherits that, so the command
+    would never see the Ctrl-C the test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_bench(*args: str, env: Mapping[str, str]) -> subprocess.Popen[str]:
     """``manage.py streaming_bench`` in a session of its own (its id is the process's pid)."""
     return subprocess.Popen(
         [PYTHON, str(ROOT / "manage.py"), "streaming_bench", *args], env=dict(env), cwd=ROOT,
         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        preexec_fn=_interruptible,
     )  # fmt: skip
 
 
