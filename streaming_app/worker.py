@@ -61,15 +61,14 @@ class Worker:
     def __len__(self) -> int:
         return len(self.followers)
 
-    def hold(self, follower: Follower, saved: Position | None = None) -> None:
+    def hold(self, follower: Follower, saved: Position) -> None:
         """Take ownership of a registered client; ``saved``: the position its row holds (the
         heartbeat writes a position only when it moved from the one saved)."""
         key = (follower.stream_id, follower.client_id)
         follower.worker = self
         follower.registered = True
         self.followers[key] = follower
-        if saved is not None:
-            self._saved_positions[key] = saved
+        self._saved_positions[key] = saved
         if isinstance(follower, ChannelBridge):
             self.bridges.setdefault(follower.stream_id, {})[follower.client_id] = follower
 
