@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -86,6 +87,9 @@ class Plan:
     idle_streams: int
     idle_window: float  # seconds of the worker's CPU read with the idle clients connected
     drain: float  # after the streams ended, clients give up once nothing arrived for this long
+    # Each measurement on a fresh Daphne worker and producer (the figures), or all of a system's
+    # measurements on a layer on one (the quick run: what the tests check is the plumbing).
+    fresh_workers: bool = True
 
 
 # (streams, clients per stream): clients per stream 1/10/50/200 at 10 streams, and streams
@@ -103,6 +107,7 @@ def plan(quick: bool) -> Plan:
             idle_streams=4,
             idle_window=1.0,
             drain=3.0,
+            fresh_workers=False,
         )
     return Plan(
         scenarios=[Scenario("a", 1, 10, 2000, 0), Scenario("b", 50, 2, 200, 20)],
@@ -662,22 +667,30 @@ async def connects_and_idle(worker: Worker, clients: int, streams: int, window: 
 async def run_worker(deployment: Deployment, system: str, layer: str, plan: Plan,
                      primary: bool) -> WorkerResults:  # fmt: skip
     """Everything one system measures on one layer, each measurement on a fresh Daphne worker
-    and producer (nothing carries over from the one before)."""
+    and producer (nothing carries over from the one before) unless the plan shares one."""
     out = WorkerResults()
-    for scenario in plan.scenarios:
-        async with Worker(deployment, system, layer) as worker:
-            out.end_to_end.append(await run_scenario(worker, scenario, plan.drain))
-    if primary and system in SCALING_SYSTEMS:
-        for cell in plan.scaling:
-            async with Worker(deployment, system, layer) as worker:
-                out.scaling.append(await run_scenario(worker, cell, plan.drain))
-    if primary:
-        async with Worker(deployment, system, layer) as worker:
-            connects, idle = await connects_and_idle(
-                worker, plan.idle_clients, plan.idle_streams, plan.idle_window
-            )
-        out.connects.append(connects)
+
+    async def scenario(worker: Worker, scenario: Scenario, into: list[Result]) -> None:
+        into.append(await run_scenario(worker, scenario, plan.drain))
+
+    async def connects(worker: Worker) -> None:
+        row, idle = await connects_and_idle(
+            worker, plan.idle_clients, plan.idle_streams, plan.idle_window
+        )
+        out.connects.append(row)
         out.idle.append(idle)
+
+    steps: list[Callable[[Worker], Awaitable[None]]] = [
+        functools.partial(scenario, scenario=s, into=out.end_to_end) for s in plan.scenarios
+    ]
+    if primary and system in SCALING_SYSTEMS:
+        steps += [functools.partial(scenario, scenario=c, into=out.scaling) for c in plan.scaling]
+    if primary:
+        steps.append(connects)
+    for group in [[step] for step in steps] if plan.fresh_workers else [steps]:
+        async with Worker(deployment, system, layer) as worker:
+            for step in group:
+                await step(worker)
     return out
 
 

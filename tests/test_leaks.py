@@ -1,6 +1,6 @@
 """Nothing is left behind: every channel, group membership, Redis subscription, asyncio task
 and row a client used is given back when its stream closes (a real Daphne on the pub/sub
-layer, 500 streams each with a WebSocket client, a bridged plain client and a waiting agent)."""
+layer, 200 streams each with a WebSocket client, a bridged plain client and a waiting agent)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from streaming_app.protocol import CloseCode
 
 from .servers import DaphneServer, manager_call, read_frames
 
-STREAMS = 500
+STREAMS = 200
 
 
 def probe(server: DaphneServer, action: str, data: Any = None) -> Any:

@@ -1,9 +1,10 @@
-"""A 44-second agent turn with long silences, through a real Daphne on each channels_redis
+"""A 32-second agent turn with long silences, through a real Daphne on each channels_redis
 layer: nothing times out, nothing is lost, nothing is left behind.
 
-The silences outlast redis-py 8's default socket timeout (5 s, which channels_redis's core
-layer used to hit in its 5 s blocking pop: "Timeout reading from ...", close 1011) and this
-session's redis-server's idle-client timeout (pytest-redis starts it with ``--timeout 15``).
+Each silence outlasts redis-py 8's default socket timeout (5 s, which channels_redis's core
+layer used to hit in its 5 s blocking pop: "Timeout reading from ...", close 1011), the
+project's ``socket_timeout`` (15 s) and this session's redis-server's idle-client timeout
+(pytest-redis starts it with ``--timeout 15``); the second comes after the first's reconnects.
 Both layers run at the same time, so the test takes about as long as one turn.
 """
 
@@ -47,8 +48,8 @@ LAYERS = {
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
     "core": "channels_redis.core.RedisChannelLayer",
 }
-# 44 s in all: one silence over 10 s, then two over the server's 15 s idle-client timeout.
-GAPS = "12 16 16"
+# 32 s in all: two silences over the 15 s socket and idle-client timeouts.
+GAPS = "16 16"
 TURN_SECONDS = sum(float(gap) for gap in GAPS.split())
 
 

@@ -1,5 +1,5 @@
 """What a sweep pass costs the database: with four workers on a shared history, the
-statements of one pass of every worker, for 1,000 active streams with two clients each.
+statements of one pass of every worker, for 600 active streams with two clients each.
 
 The pass is the steady state of a busy site: every stream got a chunk since the last pass.
 Per-worker work (heartbeat, nudges) is a handful of bulk statements per worker; the cluster's
@@ -23,7 +23,7 @@ from .conftest import RecordingClient, delta
 # Statements, not time: the count is the same on any database (SQLite pass only; 90 s on PG).
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.database_independent]
 
-WORKERS, STREAMS, CLIENTS = 4, 1000, 2
+WORKERS, STREAMS, CLIENTS = 4, 600, 2  # over STATES_BATCH (500): two batches of state reads
 
 
 class Statements:
