@@ -190,13 +190,15 @@ class DaphneServer:
         self.stop()
 
 
-async def read_frames(ws: Any) -> list[dict[str, Any]]:
-    """Every JSON frame a ``websockets`` connection receives until the server closes it."""
+async def read_frames(ws: Any, frames: list[dict[str, Any]] | None = None
+                      ) -> list[dict[str, Any]]:  # fmt: skip
+    """Every JSON frame a ``websockets`` connection receives until the server closes it
+    (appended to ``frames`` as they come, when given, for a test that watches them arrive)."""
     import json
 
     from websockets.exceptions import ConnectionClosed
 
-    frames = []
+    frames = [] if frames is None else frames
     try:
         while True:
             frames.append(json.loads(await ws.recv()))

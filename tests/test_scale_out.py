@@ -20,6 +20,7 @@ import websockets
 
 from streaming_app.protocol import CloseCode
 
+from .conftest import eventually
 from .servers import (
     SETTINGS,
     DaphneServer,
@@ -237,7 +238,7 @@ async def test_throw_raises_for_a_failing_client_in_another_process(
 PRODUCE_THROUGH_OUTAGE = """
 import time
 codes = []
-for i in range(1, 61):
+for i in range(1, 101):  # 5 s of pushes: the outage (1 s) falls well inside them
     try:
         chunk = TextDeltaChunk(stream_id={sid!r}, text_delta=str(i))
         codes.append(await m.push_chunk({sid!r}, chunk))
@@ -263,13 +264,15 @@ async def test_a_redis_restart_mid_stream_is_a_clear_error_never_a_silent_hole(
             producer = asyncio.create_task(
                 asyncio.to_thread(manager_call, env, PRODUCE_THROUGH_OUTAGE.format(sid=sid))
             )
-            frames_task = asyncio.create_task(read_frames(ws))
-            await asyncio.sleep(2.0)  # the producer is under way
+            frames: list[dict[str, Any]] = []
+            frames_task = asyncio.create_task(read_frames(ws, frames))
+            # the producer is under way (its process can take seconds to start)
+            await eventually(lambda: len(chunk_seqs(frames)) >= 5, timeout=60)
             redis_server.stop()
             await asyncio.sleep(1.0)
             redis_server.start()  # empty: Redis keeps nothing on disk here
             codes = await producer
-            frames = await asyncio.wait_for(frames_task, 30)
+            await asyncio.wait_for(frames_task, 30)
     finally:
         worker.stop()
         redis_server.stop()

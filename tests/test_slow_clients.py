@@ -197,7 +197,8 @@ async def test_follow_stream_pauses_a_reader_that_stops_and_resumes_it(
 ) -> None:
     """The Python client acks only what the caller took: a caller that stops is paused by the
     server (its lag and row show it), and goes on exactly once when it takes frames again."""
-    env = with_settings(env, CLIENT_WINDOW_CHUNKS=20)
+    # Paused for as long as the test takes to look (starting processes), not sent off.
+    env = with_settings(env, CLIENT_WINDOW_CHUNKS=20, CLIENT_TIMEOUT_SECONDS=120)
     with DaphneServer(env, log=tmp_path / "daphne.log") as server:
         sid = manager_call(env, "out = await m.create_stream()")
         url = f"{server.ws_url}/ws/streams/{sid}/"
