@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from asgiref.sync import AsyncToSync, SyncToAsync
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Field, Model, Q
+from django.db.models import F, Field, Model, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -64,6 +64,15 @@ def _update_each(model: type[Model], fields: Sequence[str], rows: list[tuple[Any
     sql = f"UPDATE {quote(meta.db_table)} SET {columns} WHERE {quote(meta.pk.column)} = %s"
     with connection.cursor() as cursor:
         cursor.executemany(sql, rows)
+
+
+def _locked(rows: QuerySet[StreamClient]) -> QuerySet[StreamClient]:
+    """``rows``, locked in primary-key order as they are read (in a transaction, on databases
+    with row locks). Every transaction that writes several client rows takes their locks in
+    that one order before writing (after its stream's row, when it locks one): two of them, a
+    close and a heartbeat say, never wait for each other in a cycle, which PostgreSQL ends by
+    failing one ("deadlock detected")."""
+    return rows.select_for_update().order_by("pk")
 
 
 def _table(model: type[Model]) -> str:
@@ -522,7 +531,10 @@ class Registry:
 
     @database_sync_to_async
     def delete_stream(self, stream_id: str) -> None:
-        Stream.objects.filter(pk=stream_id).delete()
+        with transaction.atomic():  # the stream's row, then its clients', as a close does
+            list(Stream.objects.select_for_update().filter(pk=stream_id).values_list("pk"))
+            list(_locked(StreamClient.objects.filter(stream_id=stream_id)).values_list("pk"))
+            Stream.objects.filter(pk=stream_id).delete()
 
     @database_sync_to_async
     def get_stream(self, stream_id: str) -> Stream:
@@ -581,7 +593,7 @@ class Registry:
             rows = StreamClient.objects.filter(stream_id=stream_id)
             refs = [
                 ClientRef(stream_id, c.client_id, c.channel_name, c.worker_id)
-                for c in rows.only("client_id", "channel_name", "worker_id")
+                for c in _locked(rows).only("client_id", "channel_name", "worker_id")
             ]
             rows.delete()
             return refs
@@ -687,14 +699,17 @@ class Registry:
                 )
                 present = {(s, c): pk for pk, s, c in cursor.fetchall()}
             stale = [pk for key, pk in present.items() if key not in held]
-            if stale:  # a row newer than the list of held clients may be a registration under way
-                StreamClient.objects.filter(pk__in=stale, connected_at__lt=held_at).delete()
             now = connection.ops.adapt_datetimefield_value(timezone.now())
             moved = [
                 (written, acked, paused, now, present[key])
                 for key, (written, acked, paused) in positions.items()
                 if key in present
             ]
+            if (stale or moved) and connection.features.has_select_for_update:
+                touched = StreamClient.objects.filter(pk__in=[*stale, *(r[-1] for r in moved)])
+                list(_locked(touched).values_list("pk"))
+            if stale:  # a row newer than the list of held clients may be a registration under way
+                StreamClient.objects.filter(pk__in=stale, connected_at__lt=held_at).delete()
             _update_each(StreamClient, _POSITION_FIELDS, moved)
             missing = held - set(present)
             if missing:  # a closed stream's rows went with the close: not lost, closing
@@ -721,7 +736,10 @@ class Registry:
         cutoff = timezone.now() - older_than
         with transaction.atomic():
             rows = StreamClient.objects.exclude(alive(cutoff)).exclude(worker_id=alive_worker)
-            refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
+            refs = [
+                ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id)
+                for c in _locked(rows)
+            ]
             if not dry_run:
                 rows.delete()
                 StreamWorker.objects.filter(last_seen_at__lt=cutoff).exclude(
@@ -734,7 +752,10 @@ class Registry:
         """Delete every client served by one worker, and the worker (its graceful stop)."""
         with transaction.atomic():
             rows = StreamClient.objects.filter(worker_id=worker_id)
-            refs = [ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id) for c in rows]
+            refs = [
+                ClientRef(c.stream_id, c.client_id, c.channel_name, c.worker_id)
+                for c in _locked(rows)
+            ]
             rows.delete()
             StreamWorker.objects.filter(pk=worker_id).delete()
             ClusterLease.objects.filter(holder=worker_id).delete()  # another takes over

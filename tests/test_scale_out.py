@@ -416,3 +416,71 @@ async def test_clients_of_a_killed_worker_resume_on_the_survivor_without_losing_
         assert frames[-1]["type"] == "closed"
         assert ws.close_code == CloseCode.STREAM_CLOSED
     assert manager_call(full, f"out = await m.get_client_count_for_stream({sid!r})") == 0
+
+
+# -- several rows in one transaction: the same order everywhere --------------------------
+
+SEED_CLIENTS = """
+import uuid
+from streaming_app.models import Stream, StreamClient
+ids = [uuid.uuid4().hex for _ in range({streams})]
+Stream.objects.bulk_create([Stream(id=sid) for sid in ids])
+StreamClient.objects.bulk_create([
+    StreamClient(stream_id=sid, client_id=f"c{{n}}", channel_name=f"ch-{{sid}}-{{n}}",
+                 worker_id="w-racing")
+    for sid in ids for n in range({clients})
+])
+print("IDS=" + ",".join(ids))
+"""
+
+HEARTBEATS = """
+import os, random
+from django.utils import timezone
+from streaming_app.models import Stream, StreamClient
+from streaming_app.registry import Registry
+heartbeat, registry = Registry.__dict__["heartbeat"].func, Registry()  # the sync function
+keys = list(StreamClient.objects.values_list("stream_id", "client_id"))
+beats = 0
+while not os.path.exists({done!r}):  # until the closes are over, however they ended
+    beats += 1
+    random.shuffle(keys)  # the order of a worker's clients is any order
+    heartbeat(registry, "w-racing", set(keys), {{k: (beats, beats, False) for k in keys}},
+              timezone.now())
+    if beats == 1:
+        open({ready!r}, "w").close()
+print(f"BEATS={{beats}}")
+"""
+
+CLOSES = """
+import os, time
+from streaming_app.registry import Registry
+close, registry = Registry.__dict__["close_stream"].func, Registry()
+while not os.path.exists({ready!r}):
+    time.sleep(0.01)
+try:
+    for sid in {ids!r}:
+        close(registry, sid, "closed while its worker sends heartbeats")
+    print("CLOSED")
+finally:
+    open({done!r}, "w").close()
+"""
+
+
+def test_closes_racing_a_heartbeat_never_deadlock(postgres_url: str, tmp_path: Path) -> None:
+    """A close deletes its stream's client rows while their worker's heartbeat stores their
+    positions, each in one transaction: on PostgreSQL, two transactions that lock the same
+    rows in opposite orders deadlock, and one of them fails ("deadlock detected": the close
+    would fail as BACKEND_UNAVAILABLE). Every transaction that changes several client rows
+    locks them in the same order, so neither waits for the other in a cycle."""
+    env = base_env(DATABASE_URL=postgres_url)
+    out = run_python(SEED_CLIENTS.format(streams=300, clients=3), env=env)
+    ids = out.split("IDS=", 1)[1].split()[0].split(",")
+    ready, done = str(tmp_path / "beating"), str(tmp_path / "closed")
+    beating = start_python(HEARTBEATS.format(ready=ready, done=done), env=env)
+    closing = start_python(CLOSES.format(ready=ready, done=done, ids=ids), env=env)
+    closed, close_errors = closing.communicate(timeout=120)
+    beats, beat_errors = beating.communicate(timeout=120)
+    assert "deadlock" not in close_errors + beat_errors, close_errors + beat_errors
+    assert closing.returncode == 0 and "CLOSED" in closed, close_errors
+    assert beating.returncode == 0, beat_errors
+    assert int(beats.split("BEATS=", 1)[1]) > 1  # the heartbeats ran during the closes
