@@ -411,6 +411,11 @@ class Worker:
         reply = await self.request({"op": "create", "count": count}, within=60 + count / 5)
         return list(reply["ids"])
 
+    async def close(self, ids: list[str]) -> None:
+        """Close streams that nothing pushed into (the connects row's): left open, they would
+        be closed for inactivity by the sweeper of whatever runs five minutes later."""
+        await self.request({"op": "close", "ids": ids}, within=60 + len(ids) / 5)
+
     def url(self, stream_id: str) -> str:
         # streaming_app's clients ack what they read, as its JavaScript client does.
         path = (f"{RAW_PATHS[self.system]}/{stream_id}/" if self.raw
@@ -654,6 +659,7 @@ async def connects_and_idle(worker: Worker, clients: int, streams: int, window: 
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+    await worker.close(ids)
     await worker.quiet()
     connects = Connects(system=worker.system, layer=worker.layer,
                         database=worker.deployment.database, clients=clients,
@@ -698,8 +704,8 @@ async def run_worker(deployment: Deployment, system: str, layer: str, plan: Plan
 
 
 async def serve_producer(system: str) -> None:
-    """The producer's loop: one JSON request per line on stdin (``create``, ``produce``,
-    ``tokens``, ``ping``), one JSON answer per line on stdout, until stdin ends."""
+    """The producer's loop: one JSON request per line on stdin (``create``, ``close``,
+    ``produce``, ``tokens``, ``ping``), one JSON answer per line on stdout, until stdin ends."""
     loop = asyncio.get_running_loop()
     requests = asyncio.StreamReader(limit=2**24)
     protocol = asyncio.StreamReaderProtocol(requests)
@@ -709,6 +715,8 @@ async def serve_producer(system: str) -> None:
         try:
             if spec["op"] == "create":
                 reply: dict[str, Any] = {"ids": await create(system, spec["count"])}
+            elif spec["op"] == "close":
+                reply = {"closed": await close(system, spec["ids"])}
             elif spec["op"] == "produce":
                 reply = await produce({**spec, "system": system})
             elif spec["op"] == "tokens":  # the coalescing rows (bench_coalesce)
@@ -732,6 +740,18 @@ async def create(system: str, count: int) -> list[str]:
 
     manager = get_streaming_manager()
     return [await manager.create_stream() for _ in range(count)]
+
+
+async def close(system: str, ids: list[str]) -> int:
+    """Close streaming_app streams (raw groups need nothing); how many were closed."""
+    if system.startswith("raw"):
+        return 0
+    from .manager import get_streaming_manager
+
+    manager = get_streaming_manager()
+    for stream_id in ids:
+        await manager.close_stream(stream_id, "benchmark done")
+    return len(ids)
 
 
 async def produce(spec: dict[str, Any]) -> dict[str, Any]:

@@ -3,9 +3,11 @@ and leaves no process behind, also when it is interrupted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -75,11 +77,20 @@ def finish(process: subprocess.Popen[str], timeout: float) -> tuple[str, str, li
 def test_quick_benchmark_reports_every_row_and_goal_and_streaming_app_loses_nothing(
     redis_url: str, tmp_path: Path
 ) -> None:
-    env = base_env(DATABASE_URL=migrated_sqlite(tmp_path), REDIS_URL=redis_url)
-    bench = start_bench("--quick", "--json", "--redis-url", redis_url, env=env)
+    database_url = migrated_sqlite(tmp_path)
+    env = base_env(DATABASE_URL=database_url, REDIS_URL=redis_url)
+    bench = start_bench("--quick", "--json", "--redis-url", redis_url, "--database-url",
+                        database_url, env=env)  # fmt: skip
     stdout, stderr, left = finish(bench, timeout=240)
     assert bench.returncode == 0, stderr[-3000:]
     assert left == [], "the benchmark left processes behind"
+    # Nor streams: every stream it made is closed (one left open would be closed for
+    # inactivity by the sweeper of whatever ran five minutes later, in the middle of it).
+    with contextlib.closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as db:
+        made, still_open = db.execute(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'active') FROM streaming_app_stream"
+        ).fetchone()
+    assert made > 0 and still_open == 0, (made, still_open)
     report = json.loads(stdout[stdout.index("{") :])
     assert report["in_process"]["raw"] > 0
     assert report["in_process"]["streaming_app"] > 0
