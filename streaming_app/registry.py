@@ -466,6 +466,14 @@ def _one_message() -> bool:
     )
 
 
+def _beat(worker_id: str) -> None:
+    """The worker's row says it is alive now (created if it is new)."""
+    StreamWorker.objects.bulk_create(
+        [StreamWorker(id=worker_id, last_seen_at=timezone.now())],
+        update_conflicts=True, unique_fields=["id"], update_fields=["last_seen_at"],
+    )  # fmt: skip
+
+
 def _remove_client(stream_id: str, client_id: str) -> ClientRef | None:
     """:meth:`Registry.remove_client`'s database work (synchronous)."""
     table, pk = _table(StreamClient), _quoted(StreamClient, "id")
@@ -685,12 +693,31 @@ class Registry:
         held: set[tuple[str, str]],
         positions: dict[tuple[str, str], Position],
         held_at: datetime,
+        *,
+        read_rows: bool = True,
     ) -> set[tuple[str, str]]:
         """Mark the worker alive, store clients' positions, delete its rows for clients it
         does not hold; the held clients of active streams whose rows are gone (another worker
-        reaped them)."""
+        reaped them).
+
+        Without ``read_rows`` and with no position to store (an idle worker), its rows are
+        counted first: as many as it holds, and only its own row is written (two statements,
+        however many clients). A row it does not hold, or one gone, changes the count and the
+        rows are read as always. (A row gone and one left behind in the same pass would cancel
+        out: the caller reads the rows every few passes anyway.)"""
         with transaction.atomic():
-            with connection.cursor() as cursor:  # every row of this worker, every pass
+            if not positions and not read_rows:
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        f"SELECT COUNT(*) FROM {_table(StreamClient)} "
+                        f"WHERE {_quoted(StreamClient, 'worker_id')} = %s",
+                        [worker_id],
+                    )
+                    (count,) = cursor.fetchone()
+                if count == len(held):
+                    _beat(worker_id)
+                    return set()
+            with connection.cursor() as cursor:  # every row of this worker
                 cursor.execute(
                     f"SELECT {_quoted(StreamClient, 'id')}, {_quoted(StreamClient, 'stream')}, "
                     f"{_quoted(StreamClient, 'client_id')} FROM {_table(StreamClient)} "
@@ -719,11 +746,7 @@ class Registry:
                     ).values_list("pk", flat=True)
                 )
                 missing = {key for key in missing if key[0] in active}
-            # Last, so the heartbeat is as fresh as it can be when the transaction commits.
-            StreamWorker.objects.bulk_create(
-                [StreamWorker(id=worker_id, last_seen_at=timezone.now())],
-                update_conflicts=True, unique_fields=["id"], update_fields=["last_seen_at"],
-            )  # fmt: skip
+            _beat(worker_id)  # last: as fresh as it can be when the transaction commits
         return missing
 
     @database_sync_to_async

@@ -112,15 +112,18 @@ class Sweeper:
         if background and manager.history.shared:
             ttl = timedelta(seconds=LEASE_PASSES * app_settings.SWEEP_INTERVAL_SECONDS)
             report.cluster = await manager.registry.acquire_lease(LEASE, manager.worker_id, ttl)
+        states: dict[str, StreamState] = {}
         if report.cluster:
-            await self._sweep_cluster(report, dry_run=dry_run)
+            states = await self._sweep_cluster(report, dry_run=dry_run)
         if dry_run:
             return report
-        await manager.worker.nudge_stragglers()
+        await manager.worker.nudge_stragglers(states)
         manager.history.expire_closed()
         return report
 
-    async def _sweep_cluster(self, report: SweepReport, *, dry_run: bool) -> None:
+    async def _sweep_cluster(self, report: SweepReport, *, dry_run: bool) -> dict[str, StreamState]:
+        """The cluster's part; the history's state of every active stream (the nudges that
+        follow read only the streams that are not among them)."""
         manager = self.manager
         config = manager.config
         timeout = app_settings.CLIENT_TIMEOUT_SECONDS
@@ -149,6 +152,8 @@ class Sweeper:
                     await manager.close_stream(
                         stream.id, f"Closed after {timeout_ms / 1000:g} s of inactivity"
                     )
+        closed = {*report.closed_idle, *report.finished_closes}  # their states changed since
+        return {sid: state for sid, state in states.items() if sid not in closed}
 
     async def _reap(self, report: SweepReport, older_than: timedelta, *, dry_run: bool) -> None:
         manager = self.manager

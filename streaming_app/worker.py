@@ -36,6 +36,10 @@ REGISTRATION_LOST_REASON = "Registration lost (the database was unreachable); re
 
 Key = tuple[str, str]
 
+# Every so many heartbeats (one a sweep) read the worker's client rows even when their count
+# says nothing changed (a minute at the default SWEEP_INTERVAL_SECONDS).
+ROWS_READ_PASSES = 12
+
 
 class Worker:
     """The clients this process serves, and their release."""
@@ -49,6 +53,7 @@ class Worker:
         self._nudge_positions: dict[Key, int] = {}
         self._closed_at_last_sweep: set[str] = set()  # streams whose history was closed then
         self._saved_positions: dict[Key, Position] = {}
+        self._beats = 0  # heartbeats sent (the first reads the rows)
         self._fanout: Fanout | None = None
 
     @property
@@ -139,8 +144,12 @@ class Worker:
         held = {key: f for key, f in self.followers.items() if f.registered}
         positions = {key: f.position for key, f in held.items()}
         moved = {k: p for k, p in positions.items() if self._saved_positions.get(k) != p}
+        # An idle worker's rows are only counted, and read every ROWS_READ_PASSES passes; a
+        # registration under way may have its row already: then they are read.
+        self._beats += 1
+        read_rows = bool(self.joining) or self._beats % ROWS_READ_PASSES == 1
         missing = await self.manager.registry.heartbeat(
-            self.id, set(held) | self.joining, moved, held_at
+            self.id, set(held) | self.joining, moved, held_at, read_rows=read_rows
         )
         self._saved_positions.update(moved)
         for key in missing:
@@ -162,14 +171,18 @@ class Worker:
 
     # -- nudges ---------------------------------------------------------------------------
 
-    async def nudge_stragglers(self) -> None:
+    async def nudge_stragglers(self, known: dict[str, StreamState] | None = None) -> None:
         """Tell clients that are behind (and made no progress since the last sweep) or still
         open on a stream that was closed at the last sweep already to catch up: their channel
         may have dropped the events. (A close is announced only after its row is written, so
-        a sweep between the two would otherwise nudge every client of a closing stream.)"""
+        a sweep between the two would otherwise nudge every client of a closing stream.)
+        ``known``: states this pass read already (the cluster's part); the others are read."""
         positions = {key: f.delivered_seq for key, f in self.followers.items() if not f.ended}
         stream_ids = {stream_id for stream_id, _ in positions}
-        states = await self.manager.history.states(stream_ids)
+        known = known or {}
+        states = {sid: known[sid] for sid in stream_ids if sid in known}
+        if len(states) < len(stream_ids):
+            states.update(await self.manager.history.states(stream_ids - states.keys()))
         closed_before, self._closed_at_last_sweep = self._closed_at_last_sweep, {
             stream_id for stream_id in stream_ids
             if (state := states.get(stream_id)) is None or state.closed

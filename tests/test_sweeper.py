@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
 from streaming_app.manager import StreamingManager, get_streaming_manager
-from streaming_app.models import ClusterLease, Stream, StreamClient
+from streaming_app.models import ClusterLease, Stream, StreamClient, StreamWorker
+from streaming_app.worker import ROWS_READ_PASSES
 
 from .conftest import RecordingClient, delta, eventually
 
@@ -146,3 +150,73 @@ async def test_one_worker_at_a_time_does_the_clusters_part_and_another_takes_ove
         assert [await cluster(third), await cluster(second)] == [True, False]
         for worker in (second, third):
             await worker.shutdown()
+
+
+class Statements:
+    """The SQL run on the connection of the thread the ORM's calls run in."""
+
+    def __init__(self) -> None:
+        self.sql: list[str] = []
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        self.sql.append(sql)
+        return execute(sql, params, many, context)
+
+    async def __aenter__(self) -> Statements:
+        await sync_to_async(lambda: connection.execute_wrappers.append(self))()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await sync_to_async(lambda: connection.execute_wrappers.remove(self))()
+
+
+async def hold_clients(manager: StreamingManager, count: int) -> str:
+    stream_id = await manager.create_stream()
+    for n in range(count):
+        await manager.register_client(stream_id, RecordingClient(f"c-{n}"))
+    await manager.worker.heartbeat()  # the first reads the rows
+    return stream_id
+
+
+async def test_an_idle_workers_heartbeat_counts_its_client_rows_instead_of_reading_them() -> None:
+    manager = get_streaming_manager()
+    await hold_clients(manager, 10)  # MAX_CLIENTS_PER_STREAM
+    async with Statements() as counted:
+        await manager.worker.heartbeat()
+    table = StreamClient._meta.db_table
+    reads = [sql for sql in counted.sql if table in sql and "COUNT(*)" not in sql]
+    assert reads == [], reads
+    assert any(table in sql and "COUNT(*)" in sql for sql in counted.sql), counted.sql
+    row = await StreamWorker.objects.aget(pk=manager.worker_id)
+    assert timezone.now() - row.last_seen_at < timedelta(seconds=5)  # and it did beat
+    await manager.shutdown()
+
+
+async def test_a_row_the_worker_does_not_hold_goes_at_its_next_heartbeat() -> None:
+    manager = get_streaming_manager()
+    stream_id = await hold_clients(manager, 3)
+    await StreamClient.objects.acreate(  # e.g. a release whose DELETE failed
+        stream_id=stream_id, client_id="left-behind", worker_id=manager.worker_id,
+        connected_at=timezone.now() - timedelta(minutes=1),
+    )  # fmt: skip
+    await manager.worker.heartbeat()
+    assert not await StreamClient.objects.filter(client_id="left-behind").aexists()
+    assert await manager.get_client_count_for_stream(stream_id) == 3
+    await manager.shutdown()
+
+
+async def test_a_row_gone_and_one_left_behind_in_one_pass_are_found_within_a_few_passes() -> None:
+    """The count alone cannot tell them apart from nothing: the rows are read every
+    ``ROWS_READ_PASSES`` heartbeats anyway."""
+    manager = get_streaming_manager()
+    stream_id = await hold_clients(manager, 3)
+    await StreamClient.objects.filter(client_id="c-0").adelete()  # as another worker's reap
+    await StreamClient.objects.acreate(
+        stream_id=stream_id, client_id="left-behind", worker_id=manager.worker_id,
+        connected_at=timezone.now() - timedelta(minutes=1),
+    )  # fmt: skip
+    for _ in range(ROWS_READ_PASSES):
+        await manager.worker.heartbeat()
+    assert not await StreamClient.objects.filter(client_id="left-behind").aexists()
+    assert manager.stats["clients_resent"] == 1  # c-0 was told to reconnect
+    await manager.shutdown()
