@@ -101,18 +101,13 @@ def check(
     hide: bool,
 ) -> Stream:  # fmt: skip
     """The stream, if ``rule`` lets the user use it (synchronous: in the database's thread)."""
-    missing = StreamError(
-        GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist",
-        stream_id=stream_id,
-    )  # fmt: skip
-    if not STREAM_ID.match(stream_id):  # cannot exist: no query (NUL bytes, traversal, ...)
-        raise missing
-    stream = stream_row(stream_id)
+    # An id that cannot exist (NUL bytes, traversal, ...) is not looked up.
+    stream = stream_row(stream_id) if STREAM_ID.match(stream_id) else None
     if stream is None:
-        raise missing
+        raise _missing(stream_id)
     if not import_string(rule)(user, session_key, stream):
         if hide:  # a stranger learns nothing, not even that the id exists
-            raise missing
+            raise _missing(stream_id)
         raise StreamError(
             GMIErrorCode.PERMISSION_DENIED, f"not allowed to use stream {stream_id!r}",
             stream_id=stream_id,
@@ -125,6 +120,13 @@ def check(
             details={"reason": stream.close_reason},
         )
     return stream
+
+
+def _missing(stream_id: str) -> StreamError:
+    return StreamError(
+        GMIErrorCode.RESOURCE_NOT_FOUND, f"stream {stream_id!r} does not exist",
+        stream_id=stream_id,
+    )  # fmt: skip
 
 
 def scope_identity(scope: dict[str, Any]) -> tuple[Any, str | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -47,27 +48,36 @@ def parse_seq(text: str, stream_id: str, name: str = "last_seq") -> int:
     return seq
 
 
-def parse_last_seq(query_string: bytes | str, stream_id: str) -> int:
-    """``last_seq`` from a query string, 0 when absent.
+Query = bytes | str | Mapping[str, list[str]]
+
+
+def parse_query(query: Query) -> Mapping[str, list[str]]:
+    """A query string's values by name (blank values kept), parsed once for the parsers below;
+    a mapping is returned as it is."""
+    if isinstance(query, Mapping):
+        return query
+    if isinstance(query, bytes):
+        query = query.decode("latin-1")
+    return parse_qs(query, keep_blank_values=True)
+
+
+def parse_last_seq(query: Query, stream_id: str) -> int:
+    """``last_seq`` from a query string, 0 when absent (or blank).
 
     Raises ``StreamError(INVALID_ARGUMENT)`` for anything but an integer in 0..2**63-1.
     """
-    if isinstance(query_string, bytes):
-        query_string = query_string.decode("latin-1")
-    values = parse_qs(query_string).get("last_seq")
+    values = [value for value in parse_query(query).get("last_seq", ()) if value]
     if not values:
         return 0
     return parse_seq(values[-1], stream_id)
 
 
-def parse_flag(query_string: bytes | str, name: str, stream_id: str) -> bool:
+def parse_flag(query: Query, name: str, stream_id: str) -> bool:
     """A ``name=1`` / ``name=0`` switch of a query string, False when absent.
 
     Raises ``StreamError(INVALID_ARGUMENT)`` for any other value.
     """
-    if isinstance(query_string, bytes):
-        query_string = query_string.decode("latin-1")
-    values = parse_qs(query_string, keep_blank_values=True).get(name)
+    values = parse_query(query).get(name)
     if not values:
         return False
     if values[-1] not in ("0", "1"):
@@ -76,12 +86,10 @@ def parse_flag(query_string: bytes | str, name: str, stream_id: str) -> bool:
     return values[-1] == "1"
 
 
-def parse_replay(query_string: bytes | str, stream_id: str) -> bool:
+def parse_replay(query: Query, stream_id: str) -> bool:
     """Whether the query asks for the missed chunks themselves (``replay=chunks``) rather than
     a snapshot (``replay=snapshot``, the default). Raises ``StreamError(INVALID_ARGUMENT)``."""
-    if isinstance(query_string, bytes):
-        query_string = query_string.decode("latin-1")
-    values = parse_qs(query_string, keep_blank_values=True).get("replay")
+    values = parse_query(query).get("replay")
     if not values or values[-1] == "snapshot":
         return False
     if values[-1] != "chunks":
@@ -118,7 +126,7 @@ class StreamConsumer(Follower, AsyncWebsocketConsumer):
         self.stream_id = self.scope["url_route"]["kwargs"]["stream_id"]
         self.client_id = f"ws-{uuid.uuid4().hex}"
         await self.accept()
-        query = self.scope.get("query_string", b"")
+        query = parse_query(self.scope.get("query_string", b""))
         try:
             last_seq = parse_last_seq(query, self.stream_id)
             self.acking = parse_flag(query, "ack", self.stream_id)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from asgiref.sync import AsyncToSync, SyncToAsync
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.db.models import F, Field, Model, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -107,10 +107,9 @@ def _insert_client(
 ) -> tuple[str, list[Any]]:
     """The conditional INSERT of a client row: the stream is active, the client is not
     registered yet, and fewer than ``limit`` live clients are (when there is a limit)."""
-    insert = _INSERT_CLIENT.get(connection.vendor) or _build_insert_client()
-    stamp = StreamClient._meta.get_field("connected_at").get_db_prep_save(
-        timezone.now(), connection
-    )
+    db = connections[DEFAULT_DB_ALIAS]  # not the proxy: each of its attributes is a lookup
+    insert = _INSERT_CLIENT.get(db.vendor) or _build_insert_client()
+    stamp = StreamClient._meta.get_field("connected_at").get_db_prep_save(timezone.now(), db)
     prepared = {**insert.constants, "connected_at": stamp, "last_seen_at": stamp}
     written, acked, paused = new.position
     given = {"stream_id": stream_id, "client_id": new.client_id, "transport": new.transport,
@@ -119,14 +118,13 @@ def _insert_client(
              "paused": paused}  # fmt: skip
     params = [
         prepared[f.attname] if f.attname in prepared
-        else f.get_db_prep_save(given[f.attname] if f.attname in given else f.get_default(),
-                                connection)
+        else f.get_db_prep_save(given[f.attname] if f.attname in given else f.get_default(), db)
         for f in insert.fields
     ]  # fmt: skip
     params += [stream_id, Stream.Status.ACTIVE.value, stream_id, new.client_id]
     if math.isinf(limit):
         return insert.sql, params
-    cutoff = connection.ops.adapt_datetimefield_value(alive_after)
+    cutoff = db.ops.adapt_datetimefield_value(alive_after)
     return insert.limited, [*params, stream_id, cutoff, cutoff, int(limit)]
 
 
@@ -173,15 +171,16 @@ def stream_row(stream_id: str) -> Stream | None:
     its row becomes a model as the ORM makes one (``from_db``, after the column converters):
     compiling it on every subscription cost more than running it, and a ``RawQuerySet``
     (which maps its columns again for each query) cost three times the query."""
-    select = _STREAM_BY_ID.get(connection.vendor)
+    db = connections[DEFAULT_DB_ALIAS]
+    select = _STREAM_BY_ID.get(db.vendor)
     if select is None:
-        compiler = Stream.objects.filter(pk="").query.get_compiler(connection=connection)
+        compiler = Stream.objects.filter(pk="").query.get_compiler(connection=db)
         sql, _ = compiler.as_sql()
         columns = [expression for expression, _, _ in compiler.select]
-        select = _STREAM_BY_ID[connection.vendor] = _Select(
+        select = _STREAM_BY_ID[db.vendor] = _Select(
             sql, [column.target.attname for column in columns], compiler.get_converters(columns)
         )
-    with connection.cursor() as cursor:
+    with db.cursor() as cursor:
         cursor.execute(select.sql, [stream_id])
         row = cursor.fetchone()
     if row is None:
@@ -189,8 +188,8 @@ def stream_row(stream_id: str) -> Stream | None:
     values = list(row)
     for index, (converters, expression) in select.converters.items():
         for convert in converters:
-            values[index] = convert(values[index], expression, connection)
-    return Stream.from_db(connection.alias, select.attnames, values)
+            values[index] = convert(values[index], expression, db)
+    return Stream.from_db(db.alias, select.attnames, values)
 
 
 def _already_registered(stream_id: str, client_id: str) -> StreamError:
@@ -428,16 +427,17 @@ def _add_client(
         if not stream.is_active:
             raise _closed(stream, new.client_id)
     sql, params = _insert_client(stream_id, new, limit, alive_after)
-    locks = connection.features.has_select_for_update
+    db = connections[DEFAULT_DB_ALIAS]
+    locks = db.features.has_select_for_update
     try:
         if locks and _one_message():
-            with connection.cursor() as cursor:
+            with db.cursor() as cursor:
                 cursor.execute(f"{_LOCK_STREAM_SQL()}; {sql}", [stream_id, *params])
                 cursor.nextset()  # the INSERT's result
                 inserted = cursor.rowcount == 1
         else:
             atomic = transaction.atomic() if locks else contextlib.nullcontext()
-            with atomic, connection.cursor() as cursor:
+            with atomic, db.cursor() as cursor:
                 if locks:
                     cursor.execute(_LOCK_STREAM_SQL(), [stream_id])
                 cursor.execute(sql, params)
@@ -474,21 +474,50 @@ def _beat(worker_id: str) -> None:
     )  # fmt: skip
 
 
+_REMOVE_CLIENT: dict[str, tuple[str, str, str]] = {}  # per database vendor
+
+
+def _remove_client_sql(db: Any) -> tuple[str, str, str]:
+    """The removal's statements: the one that returns the deleted row, and the SELECT and
+    DELETE for databases without ``RETURNING``."""
+    quote = db.ops.quote_name
+
+    def column(name: str) -> str:
+        return str(quote(_column(StreamClient, name)))
+
+    table, pk = quote(StreamClient._meta.db_table), column("id")
+    found = f"{table} WHERE {column('stream')} = %s AND {column('client_id')} = %s"
+    returned = f"{column('channel_name')}, {column('worker_id')}"
+    sql = _REMOVE_CLIENT[db.vendor] = (
+        f"DELETE FROM {found} RETURNING {returned}",
+        f"SELECT {pk}, {returned} FROM {found}",
+        f"DELETE FROM {table} WHERE {pk} = %s",
+    )
+    return sql
+
+
+def _deletes_returning(db: Any) -> bool:
+    """Whether a DELETE can return the deleted rows (databases that return inserted ones
+    return deleted ones too: PostgreSQL, SQLite 3.35+, MariaDB 10.5+)."""
+    return bool(db.features.can_return_columns_from_insert)
+
+
 def _remove_client(stream_id: str, client_id: str) -> ClientRef | None:
-    """:meth:`Registry.remove_client`'s database work (synchronous)."""
-    table, pk = _table(StreamClient), _quoted(StreamClient, "id")
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT {pk}, {_quoted(StreamClient, 'channel_name')}, "
-            f"{_quoted(StreamClient, 'worker_id')} FROM {table} "
-            f"WHERE {_quoted(StreamClient, 'stream')} = %s "
-            f"AND {_quoted(StreamClient, 'client_id')} = %s",
-            [stream_id, client_id],
-        )
+    """:meth:`Registry.remove_client`'s database work (synchronous): one ``DELETE ...
+    RETURNING`` where the database has it (PostgreSQL, SQLite 3.35+), else a SELECT and a
+    DELETE by primary key."""
+    db = connections[DEFAULT_DB_ALIAS]
+    returning, select, delete = _REMOVE_CLIENT.get(db.vendor) or _remove_client_sql(db)
+    with db.cursor() as cursor:
+        if _deletes_returning(db):
+            cursor.execute(returning, [stream_id, client_id])
+            row = cursor.fetchone()
+            return None if row is None else ClientRef(stream_id, client_id, row[0], row[1])
+        cursor.execute(select, [stream_id, client_id])
         row = cursor.fetchone()
         if row is None:
             return None
-        cursor.execute(f"DELETE FROM {table} WHERE {pk} = %s", [row[0]])
+        cursor.execute(delete, [row[0]])
         if cursor.rowcount != 1:  # another worker removed it meanwhile
             return None
     return ClientRef(stream_id, client_id, row[1], row[2])
@@ -568,8 +597,9 @@ class Registry:
         await gathered(lambda: _add_client(stream_id, new, limit, alive_after, authorize))
 
     async def remove_client(self, stream_id: str, client_id: str) -> ClientRef | None:
-        """Delete a client row; what it was, or None when there was none. Two plain statements
-        (every socket that leaves runs this): the ORM's delete collects related rows first.
+        """Delete a client row; what it was, or None when there was none. One plain statement
+        where the database returns deleted rows, else two (every socket that leaves runs
+        this): the ORM's delete collects related rows first.
         Removals made together share a trip to the database's thread (:class:`Gathered`)."""
         return await gathered(lambda: _remove_client(stream_id, client_id))
 

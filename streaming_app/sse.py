@@ -17,7 +17,7 @@ from django.http.request import split_domain_port, validate_host
 
 from .clients import Follower
 from .conf import app_settings
-from .consumers import parse_last_seq, parse_replay, parse_seq
+from .consumers import parse_last_seq, parse_query, parse_replay, parse_seq
 from .exceptions import GMIError, GMIErrorCode, StreamError, is_backend_error
 from .layers import Inbox
 from .manager import StreamingManager, get_streaming_manager
@@ -106,12 +106,13 @@ class EventStream(Follower):
         try:
             headers = dict(self.scope.get("headers", []))
             last_event_id = headers.get(b"last-event-id", b"").decode("latin-1")
+            query = parse_query(self.scope["query_string"])
             try:
                 if last_event_id.strip():  # the browser's resume cursor wins over the query
                     last_seq = parse_seq(last_event_id, self.stream_id, "Last-Event-ID")
                 else:
-                    last_seq = parse_last_seq(self.scope["query_string"], self.stream_id)
-                self.replay_chunks = parse_replay(self.scope["query_string"], self.stream_id)
+                    last_seq = parse_last_seq(query, self.stream_id)
+                self.replay_chunks = parse_replay(query, self.stream_id)
             except StreamError as exc:
                 await self.refuse(exc)
                 return

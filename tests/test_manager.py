@@ -12,6 +12,7 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
+from streaming_app import registry
 from streaming_app.chunks import ErrorChunk, FinalResponseChunk, TextDeltaChunk
 from streaming_app.conf import StreamingManagerConfig, app_settings
 from streaming_app.exceptions import GMIError, GMIErrorCode, StreamError
@@ -190,7 +191,12 @@ async def test_concurrent_registrations_stop_exactly_at_the_limit() -> None:
     await manager.shutdown()
 
 
-async def test_deregistered_client_gets_nothing_more(manager: StreamingManager) -> None:
+@pytest.mark.parametrize("returning", [True, False], ids=["delete-returning", "select-delete"])
+async def test_deregistered_client_gets_nothing_more(
+    manager: StreamingManager, returning: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not returning:  # a database whose DELETE cannot return the row (MySQL, old SQLite)
+        monkeypatch.setattr(registry, "_deletes_returning", lambda db: False)
     stream_id = await manager.create_stream()
     stays, leaves = RecordingClient("stays"), RecordingClient("leaves")
     await manager.register_client(stream_id, stays)
