@@ -132,6 +132,11 @@ class StreamingAuthMiddleware(AuthMiddleware):  # type: ignore[misc]
     one thread hop serves several sockets instead of two hops each."""
 
     async def resolve_scope(self, scope: Scope) -> None:
+        if getattr(scope.get("session"), "session_key", None) is None:
+            # No session cookie: the user is anonymous, and finding that out reads nothing
+            # (Django's own lookup returns AnonymousUser without a query): no trip.
+            scope["user"]._wrapped = get_user.func(scope)
+            return
         scope["user"]._wrapped = await gathered(lambda: get_user.func(scope))
 
 

@@ -19,12 +19,16 @@ from typing import Any
 
 import pytest
 import websockets
+from asgiref.sync import sync_to_async
 from channels.testing import ApplicationCommunicator
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
+from django.contrib.sessions.backends.db import SessionStore
 from django.db import OperationalError
 
 from streaming_app.exceptions import GMIError, GMIErrorCode
 from streaming_app.middleware import BackendErrorMiddleware, StreamingAuthMiddlewareStack
 from streaming_app.protocol import CloseCode
+from streaming_app.registry import gathered
 
 from .servers import DaphneServer, base_env, free_port, migrated_sqlite, read_frames
 from .test_daphne import start_turn
@@ -173,3 +177,36 @@ async def test_the_auth_stack_wraps_send_only_where_the_session_may_be_saved(kin
     assert (seen["send"] is server_send) == (kind == "websocket")
     assert seen["session"].session_key is None  # an unknown key: a new, empty session
     assert not await asyncio.to_thread(lambda: seen["user"].is_authenticated)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_user_is_looked_up_only_for_a_session_that_may_hold_one() -> None:
+    """No session key (no cookie, or one no session has): the user is anonymous and nothing is
+    read, so no trip to the database's thread. A signed-in session's user takes one."""
+
+    def sign_in() -> tuple[int, str]:
+        user = get_user_model().objects.create_user("ann", password="secret")
+        session = SessionStore()
+        session[SESSION_KEY] = str(user.pk)
+        session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+        session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+        session.save()
+        assert session.session_key is not None
+        return user.pk, session.session_key
+
+    user_id, session_key = await sync_to_async(sign_in)()
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["user"] = scope["user"]
+
+    async def nothing(*args: Any) -> Any:
+        return {"type": "websocket.disconnect"}
+
+    for cookie, expected, trips in ((b"", None, 0), (b"sessionid=nothing", None, 0),
+                                    (f"sessionid={session_key}".encode(), user_id, 1)):  # fmt: skip
+        calls = gathered.calls
+        scope = {"type": "websocket", "path": "/", "headers": [(b"cookie", cookie)]}
+        await StreamingAuthMiddlewareStack(app)(scope, nothing, nothing)
+        assert gathered.calls - calls == trips, cookie
+        assert await asyncio.to_thread(lambda: seen["user"].pk) == expected, cookie
