@@ -219,3 +219,64 @@ async def test_a_mailbox_that_overflows_while_the_clients_own_task_empties_it_is
     assert client.handled == ["stream.sync", "stream.chunk4", "stream.chunk5", "stream.closed"]
     assert not client._mailbox
     assert any("reads them from history" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stream_whose_hub_waits_on_the_layer_holds_up_no_other_stream(
+    manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a stream's hub waits on the layer (a Redis round trip); the clients of other
+    streams that come meanwhile do not wait behind it (in a connect storm they queued behind
+    every other stream's, and leaving ones behind every hub being closed)."""
+    slow_id = await manager.create_stream(session_key=session_key)
+    other_id = await manager.create_stream(session_key=session_key)
+    layer = manager.layer
+    gate = asyncio.Event()  # the layer answers for the slow stream's group once it is set
+    join = layer.join
+
+    async def slow_join(stream_id: str, channel: str) -> None:
+        if stream_id == slow_id:
+            await gate.wait()
+        await join(stream_id, channel)
+
+    monkeypatch.setattr(layer, "join", slow_join)
+    waiting = await connect(slow_id)  # accepted; its hub is opening
+    await eventually(lambda: slow_id in manager.worker.fanout._locks)
+    other = await connect(other_id)
+    assert (await other.frame())["type"] == "subscribed"  # not behind the slow stream's hub
+    gate.set()
+    assert (await waiting.frame())["type"] == "subscribed"
+    for peer in (waiting, other):
+        await peer.communicator.disconnect()
+    await eventually(lambda: not manager.worker.fanout.hubs and not manager.worker.fanout._locks)
+    assert not members(slow_id) and not members(other_id)
+
+
+async def test_a_stream_whose_hub_is_closing_holds_up_no_other_stream(
+    manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for the last client of a stream leaving: its hub's close waits on the layer,
+    the clients of other streams leave meanwhile."""
+    slow_id = await manager.create_stream(session_key=session_key)
+    other_id = await manager.create_stream(session_key=session_key)
+    layer = manager.layer
+    gate = asyncio.Event()  # the layer answers for the slow stream's group once it is set
+    leave = layer.leave
+
+    async def slow_leave(stream_id: str, channel: str) -> None:
+        if stream_id == slow_id:
+            await gate.wait()
+        await leave(stream_id, channel)
+
+    monkeypatch.setattr(layer, "leave", slow_leave)
+    waiting, other = await connect(slow_id), await connect(other_id)
+    for peer in (waiting, other):
+        assert (await peer.frame())["type"] == "subscribed"
+    closing = asyncio.create_task(waiting.communicator.disconnect(timeout=30))
+    await eventually(lambda: slow_id in manager.worker.fanout._locks)  # its hub is closing
+    async with asyncio.timeout(5):
+        await other.communicator.disconnect()
+    assert other_id not in manager.worker.fanout.hubs and not members(other_id)
+    gate.set()
+    await closing
+    await eventually(lambda: not manager.worker.fanout.hubs and not manager.worker.fanout._locks)
+    assert not members(slow_id)
