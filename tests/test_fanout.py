@@ -221,6 +221,24 @@ async def test_a_mailbox_that_overflows_while_the_clients_own_task_empties_it_is
     assert any("reads them from history" in r.getMessage() for r in caplog.records)
 
 
+def held_up(
+    manager: StreamingManager, call: str, slow_id: str, monkeypatch: pytest.MonkeyPatch
+) -> asyncio.Event:
+    """The layer's ``call`` (join or leave) for ``slow_id``'s group waits until the returned
+    event is set, as a slow Redis round trip would; for other streams it answers at once."""
+    layer = manager.layer
+    original = getattr(layer, call)
+
+    async def slow(stream_id: str, channel: str) -> None:
+        if stream_id == slow_id:
+            await gate.wait()
+        await original(stream_id, channel)
+
+    gate = asyncio.Event()
+    monkeypatch.setattr(layer, call, slow)
+    return gate
+
+
 async def test_a_stream_whose_hub_waits_on_the_layer_holds_up_no_other_stream(
     manager: StreamingManager, connect: Any, session_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -229,16 +247,7 @@ async def test_a_stream_whose_hub_waits_on_the_layer_holds_up_no_other_stream(
     every other stream's, and leaving ones behind every hub being closed)."""
     slow_id = await manager.create_stream(session_key=session_key)
     other_id = await manager.create_stream(session_key=session_key)
-    layer = manager.layer
-    gate = asyncio.Event()  # the layer answers for the slow stream's group once it is set
-    join = layer.join
-
-    async def slow_join(stream_id: str, channel: str) -> None:
-        if stream_id == slow_id:
-            await gate.wait()
-        await join(stream_id, channel)
-
-    monkeypatch.setattr(layer, "join", slow_join)
+    gate = held_up(manager, "join", slow_id, monkeypatch)
     waiting = await connect(slow_id)  # accepted; its hub is opening
     await eventually(lambda: slow_id in manager.worker.fanout._locks)
     other = await connect(other_id)
@@ -258,16 +267,7 @@ async def test_a_stream_whose_hub_is_closing_holds_up_no_other_stream(
     the clients of other streams leave meanwhile."""
     slow_id = await manager.create_stream(session_key=session_key)
     other_id = await manager.create_stream(session_key=session_key)
-    layer = manager.layer
-    gate = asyncio.Event()  # the layer answers for the slow stream's group once it is set
-    leave = layer.leave
-
-    async def slow_leave(stream_id: str, channel: str) -> None:
-        if stream_id == slow_id:
-            await gate.wait()
-        await leave(stream_id, channel)
-
-    monkeypatch.setattr(layer, "leave", slow_leave)
+    gate = held_up(manager, "leave", slow_id, monkeypatch)
     waiting, other = await connect(slow_id), await connect(other_id)
     for peer in (waiting, other):
         assert (await peer.frame())["type"] == "subscribed"
