@@ -164,14 +164,16 @@ class Fanout:
     async def join(self, follower: Follower) -> None:
         """Hand ``follower`` its stream's events from now on (opening the hub if needed)."""
         hub = self.hubs.get(follower.stream_id)
-        if hub is None:
-            async with self._serialized(follower.stream_id):
-                hub = self.hubs.get(follower.stream_id)  # another client may have opened it
-                if hub is None:
-                    hub = Hub(self.layer, follower.stream_id)
-                    await hub.open()
-                    self.hubs[follower.stream_id] = hub
-        hub.followers[follower.client_id] = follower  # no await since the hub was found open
+        if hub is not None:  # open: a hub is listed only while it is, and nothing awaits here
+            hub.followers[follower.client_id] = follower
+            return
+        async with self._serialized(follower.stream_id):
+            hub = self.hubs.get(follower.stream_id)  # another client may have opened it
+            if hub is None:
+                hub = Hub(self.layer, follower.stream_id)
+                await hub.open()
+                self.hubs[follower.stream_id] = hub
+            hub.followers[follower.client_id] = follower
 
     async def leave(self, follower: Follower) -> None:
         """Stop handing ``follower`` events; the last one out closes the hub."""

@@ -133,8 +133,8 @@ class StreamingAuthMiddleware(AuthMiddleware):  # type: ignore[misc]
 
     async def resolve_scope(self, scope: Scope) -> None:
         if getattr(scope.get("session"), "session_key", None) is None:
-            # No session cookie: the user is anonymous, and finding that out reads nothing
-            # (Django's own lookup returns AnonymousUser without a query): no trip.
+            # No session key (no cookie, or one no session has): the user is anonymous, and
+            # Django's own lookup finds that out without a query, so no trip.
             scope["user"]._wrapped = get_user.func(scope)
             return
         scope["user"]._wrapped = await gathered(lambda: get_user.func(scope))

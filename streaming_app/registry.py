@@ -478,16 +478,12 @@ _REMOVE_CLIENT: dict[str, tuple[str, str, str]] = {}  # per database vendor
 
 
 def _remove_client_sql(db: Any) -> tuple[str, str, str]:
-    """The removal's statements: the one that returns the deleted row, and the SELECT and
-    DELETE for databases without ``RETURNING``."""
-    quote = db.ops.quote_name
-
-    def column(name: str) -> str:
-        return str(quote(_column(StreamClient, name)))
-
-    table, pk = quote(StreamClient._meta.db_table), column("id")
-    found = f"{table} WHERE {column('stream')} = %s AND {column('client_id')} = %s"
-    returned = f"{column('channel_name')}, {column('worker_id')}"
+    """The removal's statements (built once per vendor): the one that returns the deleted
+    row, and the SELECT and DELETE for databases without ``RETURNING``."""
+    table, pk = _table(StreamClient), _quoted(StreamClient, "id")
+    found = (f"{table} WHERE {_quoted(StreamClient, 'stream')} = %s "
+             f"AND {_quoted(StreamClient, 'client_id')} = %s")  # fmt: skip
+    returned = f"{_quoted(StreamClient, 'channel_name')}, {_quoted(StreamClient, 'worker_id')}"
     sql = _REMOVE_CLIENT[db.vendor] = (
         f"DELETE FROM {found} RETURNING {returned}",
         f"SELECT {pk}, {returned} FROM {found}",
